@@ -1,0 +1,1 @@
+"""`tape-pretrain bench ...`: side-by-side measurements printed as ratios, last line key=value."""

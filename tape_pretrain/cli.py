@@ -1,0 +1,220 @@
+"""The `tape-pretrain` entry point: parses arguments and dispatches; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _storage_options(items: list[str]) -> dict[str, str]:
+    from tape_pretrain.config import ConfigError
+
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--storage-option {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        options[key] = value
+    return options
+
+
+def cmd_tokenizer_train(args) -> None:
+    from tape_pretrain.data.tokenizer import train_tokenizer
+
+    train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out, text_field=args.text_field,
+                    max_sentences=args.max_sentences, model_type=args.model_type)
+
+
+def cmd_prep(args) -> None:
+    from tape_pretrain.data.prep import PrepOptions, prepare
+
+    prepare(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, workers=args.workers,
+                        val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                        text_field=args.text_field, overwrite=args.overwrite,
+                        storage_options=_storage_options(args.storage_option), progress=not args.quiet))
+
+
+def cmd_data_verify(args) -> None:
+    from tape_pretrain.data.manifest import verify_dataset
+
+    report = verify_dataset(args.url, storage_options=_storage_options(args.storage_option))
+    print(report)
+
+
+def cmd_data_inspect(args) -> None:
+    from tape_pretrain.data.manifest import inspect_dataset
+
+    print(inspect_dataset(args.url, storage_options=_storage_options(args.storage_option), sample=args.sample))
+
+
+def cmd_train(args) -> None:
+    from tape_pretrain.config import load_config
+    from tape_pretrain.train.trainer import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def cmd_eval(args) -> None:
+    from tape_pretrain.eval.run import evaluate_command
+
+    evaluate_command(args)
+
+
+def cmd_export(args) -> None:
+    from tape_pretrain.train.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out)
+
+
+def cmd_study(args) -> None:
+    from tape_pretrain.study.runner import run_study
+
+    run_study(args.study, args.overrides, dry_run=args.dry_run)
+
+
+def cmd_doctor(args) -> None:
+    from tape_pretrain.config import load_config
+    from tape_pretrain.distributed.preflight import doctor
+
+    doctor(load_config(args.config, args.overrides) if args.config else None)
+
+
+def cmd_inspect_model(args) -> None:
+    from tape_pretrain.inspect_model import inspect_model
+
+    print(inspect_model(args.model, seq_len=args.seq_len, positional=args.positional))
+
+
+def cmd_bench(args) -> None:
+    what = args.what
+    if what in ("model", "all"):
+        from tape_pretrain.bench import model
+
+        model.run(preset=args.preset, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats)
+    if what in ("prep", "all"):
+        from tape_pretrain.bench import prep
+
+        prep.run()
+    if what in ("loader", "all"):
+        from tape_pretrain.bench import loader
+
+        loader.run()
+    if what in ("train", "all"):
+        from tape_pretrain.bench import train
+
+        train.run()
+    if what in ("checkpoint", "all"):
+        from tape_pretrain.bench import checkpoint
+
+        checkpoint.run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tape-pretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(
+        dest="action", required=True)
+    p = tok.add_parser("train", help="train SentencePiece (BPE, byte fallback) on a sample of the sources")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-sentences", type=int, default=200_000, help="documents sampled for training")
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prep", help="tokenize sources into checksummed shards with a manifest")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, help="dataset URL (path, file://, s3://, gs://, memory://)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="target tokens per shard")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prep)
+
+    data = sub.add_parser("data", help="verify or inspect a prepared dataset").add_subparsers(
+        dest="action", required=True)
+    for name, func in (("verify", cmd_data_verify), ("inspect", cmd_data_inspect)):
+        p = data.add_parser(name)
+        p.add_argument("url")
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+        if name == "inspect":
+            p.add_argument("--sample", type=int, default=200, help="tokens to decode from the first shard")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train", help="pretrain a model")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity at several lengths and passkey retrieval")
+    p.add_argument("checkpoint", help="a checkpoint directory or an export directory")
+    p.add_argument("--data", required=True, help="dataset URL")
+    p.add_argument("--lengths", default="128,256,512")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    p.add_argument("--max-tokens", type=int, default=200_000, help="val tokens evaluated per length")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--passkey", action="store_true")
+    p.add_argument("--passkey-lengths", default=None)
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    p.add_argument("--passkey-trials", type=int, default=5)
+    p.add_argument("--out", default=None, help="directory for eval.json, eval.md and plots")
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="consolidated safetensors export of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("study", help="a grid of runs with RESULTS.md and plots")
+    p.add_argument("study")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--dry-run", action="store_true", help="print the launch commands only")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("doctor", help="preflight checks of the environment, data and run directory")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("bench", help="side-by-side benchmarks printed as ratios")
+    p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "all"])
+    p.add_argument("--preset", default="paper-155m")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=cmd_bench)
+
+    insp = sub.add_parser("inspect", help="describe a model").add_subparsers(dest="action", required=True)
+    p = insp.add_parser("model")
+    p.add_argument("model", help="preset name or config file")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--positional", default=None, help="one encoding instead of the rope/tape pair")
+    p.set_defaults(func=cmd_inspect_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tape_pretrain.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,414 @@
+"""One configuration tree: dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+Precedence is command line > file > defaults. Unknown keys and ill-typed values raise
+:class:`ConfigError` naming the dotted path. Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the dotted path."""
+
+
+POSITIONAL_NAMES = ("tape", "rope", "nope", "alibi", "fire", "xpos", "randrope")
+
+
+@dataclass
+class PositionalConfig:
+    name: Literal["tape", "rope", "nope", "alibi", "fire", "xpos", "randrope"] = "tape"
+    """Which positional encoding the attention uses."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies theta_f = base^(-2f/D) (rope, tape, xpos, randrope)."""
+    tape_position_size: int | None = None
+    """Width I of TAPE's positional MLP; None means 4 x num_heads."""
+    tape_random_offset: bool = False
+    """Draw a random global position offset k in [0, 2*max_seq_len] per training forward (TAPE)."""
+    xpos_scale_base: float = 2048.0
+    """xPos decay scale s: q is scaled by zeta^(n/s), k by zeta^(-n/s)."""
+    fire_mlp_width: int = 32
+    """Hidden width of FIRE's per-layer 1 -> width -> H bias MLP."""
+    fire_init_c: float = 0.1
+    """Initial value of FIRE's learnable log-transform scale c."""
+    fire_init_threshold: float = 512.0
+    """FIRE's L~ = |lambda * this|, with lambda initialised to 1."""
+    randrope_max_len: int | None = None
+    """RandPE draws positions from [0, randrope_max_len); None means 2 x model.max_seq_len."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "tiny"
+    """Size preset (tiny, paper-155m, 350m, 760m, 1.3b, 7b); explicit fields below override it."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes the preset's, or the dataset tokenizer's when training."""
+    hidden_size: int | None = None
+    """Model width d = num_heads x head_dim."""
+    num_layers: int | None = None
+    """Number of decoder blocks L."""
+    num_heads: int | None = None
+    """Attention heads H (no grouped-query attention)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width d_ff."""
+    max_seq_len: int | None = None
+    """Longest training sequence; sizes RandPE's range and TAPE's random offset."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+    positional: PositionalConfig = field(default_factory=PositionalConfig)
+    """The positional encoding, a named sub-config."""
+    init_from: str | None = None
+    """Start from the weights of an export directory (tape-pretrain export) instead of random init."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Dataset URL written by `tape-pretrain prep` (local path, file://, s3://, gs://, memory://)."""
+    cache_dir: str = "~/.cache/tape_pretrain/datasets"
+    """Local directory where remote shards are cached after their sha256 is checked."""
+    on_corrupt_shard: Literal["error", "skip"] = "error"
+    """What to do with a shard that fails its size or checksum check."""
+    prefetch_batches: int = 2
+    """Global batches prepared ahead in a background thread (0 disables prefetch)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Extra fsspec options for the dataset URL (e.g. endpoint_url); credentials come from the environment."""
+    allow_tokenizer_mismatch: bool = False
+    """Train even when the dataset's tokenizer differs from the one the run started with."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (norms and embeddings are exempt unless decay_embeddings)."""
+    decay_embeddings: bool = False
+    """Apply weight decay to embeddings and the output head too."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Shape of the learning-rate schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to optim.lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine, linear, wsd)."""
+    decay_fraction: float = 0.2
+    """WSD: the fraction of all steps spent in the final linear decay."""
+
+
+@dataclass
+class CurriculumPhase:
+    seq_len: int = 0
+    """Sequence length during this phase."""
+    until_tokens: int | None = None
+    """The phase lasts while fewer than this many tokens have been consumed."""
+    until_fraction: float | None = None
+    """Alternative to until_tokens: a fraction of the run's total tokens."""
+
+
+@dataclass
+class CurriculumConfig:
+    phases: list[CurriculumPhase] = field(default_factory=list)
+    """Explicit phases in order; the last phase lasts to the end. Empty means trainer.seq_len throughout."""
+    warmup: Literal["none", "linear", "geometric"] = "none"
+    """Generated warmup from start_seq_len to trainer.seq_len over power-of-two buckets."""
+    start_seq_len: int = 64
+    """First length of a generated warmup."""
+    warmup_fraction: float = 0.5
+    """Fraction of the run's tokens that a generated warmup spans."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    global_batch_tokens: int = 8192
+    """Tokens per optimizer step across all ranks; gradient accumulation is derived from it."""
+    micro_batch_size: int = 4
+    """Sequences of trainer.seq_len per rank per forward/backward."""
+    seq_len: int = 256
+    """Lmax: the loader's window length; curriculum lengths must divide it."""
+    eval_interval: int = 0
+    """Evaluate on the val split every this many steps (0 disables; the last step always evaluates)."""
+    eval_batches: int = 4
+    """Micro-batches per rank used for each evaluation."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    num_threads: int | None = None
+    """torch intra-op threads per process (fixed for bitwise reproducibility); None keeps torch's choice."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) for bitwise-reproducible runs."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per device for MFU; None looks the GPU up in a table."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """Training engine."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON merged over the generated config."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank stalled longer than this makes every rank exit non-zero."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every this many steps (0: only at the end and on preemption)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep (at least 2, so a corrupt newest one can fall back)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = False
+    """FSDP2: write the checkpoint in the background while training continues."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run_dir."""
+    resume_from: str | None = None
+    """Resume from this checkpoint directory instead of the newest one."""
+    overwrite: bool = False
+    """With resume=false, allow starting over in a run_dir that already has checkpoints."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Resume-time checks to waive: any of model, data, batch, curriculum."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """wandb mode; it never blocks training."""
+    project: str = "tape-pretrain"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team)."""
+    name: str | None = None
+    """Run name; defaults to the run directory's name."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Where metrics, checkpoints and exports go (a local path or an fsspec URL)."""
+    seed: int = 1234
+    """Seeds the model initialisation and the data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---- building dataclasses from plain data -------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors naming their dotted path."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data form of a config (tuples become lists), suitable for YAML/JSON."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, list):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+    return convert(dataclasses.asdict(config))
+
+
+def _parse_scalar(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or defaults when ``path`` is None) and apply overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(RunConfig, data)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t = config.trainer
+    for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "seq_len", "log_interval"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+    if t.num_threads is not None and t.num_threads <= 0:
+        raise ConfigError(f"trainer.num_threads must be positive, got {t.num_threads}")
+    if t.global_batch_tokens % t.seq_len:
+        raise ConfigError(
+            f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"trainer.seq_len={t.seq_len}")
+    if not 0 <= config.parallel.zero_stage <= 3:
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {config.parallel.zero_stage}")
+    if config.checkpoint.keep_last < 2:
+        raise ConfigError(
+            f"checkpoint.keep_last must be at least 2 (got {config.checkpoint.keep_last}): with one, a corrupt "
+            "newest checkpoint leaves nothing to fall back to")
+    bad = set(config.checkpoint.allow_changes) - {"model", "data", "batch", "curriculum"}
+    if bad:
+        raise ConfigError(f"checkpoint.allow_changes: unknown check {sorted(bad)[0]!r} "
+                          "(valid: model, data, batch, curriculum)")
+    for i, phase in enumerate(config.curriculum.phases):
+        where = f"curriculum.phases[{i}]"
+        if phase.seq_len <= 0 or t.seq_len % phase.seq_len:
+            raise ConfigError(f"{where}.seq_len={phase.seq_len} must divide trainer.seq_len={t.seq_len}")
+        if phase.until_tokens is not None and phase.until_fraction is not None:
+            raise ConfigError(f"{where}: give until_tokens or until_fraction, not both")
+    if config.curriculum.warmup != "none":
+        start = config.curriculum.start_seq_len
+        if start <= 0 or t.seq_len % start:
+            raise ConfigError(f"curriculum.start_seq_len={start} must divide trainer.seq_len={t.seq_len}")
+        if config.curriculum.phases:
+            raise ConfigError("curriculum: give phases or a warmup, not both")
+    s = config.schedule
+    if s.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")

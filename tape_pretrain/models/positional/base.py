@@ -1,0 +1,89 @@
+"""What every positional encoding provides, and the helpers they share.
+
+Shapes: B batch, H heads, N tokens, D head dim, F = D/2 rotary frequencies.
+An encoding is one model-level module (builds the initial positional *state*) plus one layer
+module per block (uses the state in attention and may update it). The decoder block never
+branches on the variant: it hands the state to its layer module and takes back the new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tape_pretrain.config import ModelConfig
+
+State = Any  # each encoding's own state: None, a tensor or a tuple of tensors
+
+
+def rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """theta_f = base^(-2f/D) for f < D/2, in float64."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def rotary_tables(positions: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of positions x theta, computed in float64 before the cast (fp32 angles drift at large t).
+
+    positions: [..., N] (any numeric dtype); returns two [..., N, F] tensors.
+    """
+    angles = positions.to(torch.float64).unsqueeze(-1) * theta.to(positions.device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary: (u1 c - u2 s, u2 c + u1 s) with u1, u2 the two halves of the last dim."""
+    u1, u2 = u.chunk(2, dim=-1)
+    return torch.cat((u1 * cos - u2 * sin, u2 * cos + u1 * sin), dim=-1)
+
+
+def attention(q, k, v, causal: bool, bias: torch.Tensor | None = None, scale: float | None = None):
+    """Scaled dot-product attention; an additive bias (which already holds the causal mask) or is_causal."""
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def causal_mask_bias(n: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[N, N] additive mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu(1)
+
+
+class PositionalLayer(nn.Module):
+    """The per-block part of an encoding: attention with the state, then an optional state update."""
+
+    def attend(self, q, k, v, state: State, causal: bool) -> tuple[torch.Tensor, State]:  # q,k,v: [B,H,N,D]
+        raise NotImplementedError
+
+    def after_mlp(self, mlp_out: torch.Tensor, state: State) -> State:  # mlp_out: [B,N,d]
+        return state
+
+    def reset_parameters(self) -> None:
+        """Re-initialise parameters after the model-wide normal init (override where it differs)."""
+
+
+class PositionalEncoding(nn.Module):
+    """The model-level part of an encoding: the initial state and a layer module per block."""
+
+    name: ClassVar[str]
+    layer_class: ClassVar[type[PositionalLayer]]
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+
+    def make_layer(self, layer_idx: int) -> PositionalLayer:
+        return self.layer_class()
+
+    def initial_state(self, batch_size: int, seq_len: int, device, dtype, offset: int = 0,
+                      causal: bool = True) -> State:
+        """The state entering layer 0 for positions offset .. offset+seq_len-1."""
+        return None
+
+    def extra_forward_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token beyond a NoPE Llama (matmul-dominated terms only)."""
+        return 0.0

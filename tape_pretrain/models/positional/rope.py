@@ -1,0 +1,40 @@
+"""RoPE: rotate-half rotary embedding, positions 0..N-1 (Hugging Face Llama layout)."""
+
+from __future__ import annotations
+
+import torch
+
+from tape_pretrain.models.positional.base import (
+    PositionalEncoding,
+    PositionalLayer,
+    apply_rotary,
+    attention,
+    rotary_frequencies,
+    rotary_tables,
+)
+
+
+class RotaryLayer(PositionalLayer):
+    """Attention with fixed rotary tables; the state (cos, sin) is [1 or B, 1, N, F] and never changes."""
+
+    def attend(self, q, k, v, state, causal):
+        cos, sin = state
+        return attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal), state
+
+
+class RoPE(PositionalEncoding):
+    name = "rope"
+    layer_class = RotaryLayer
+
+    def __init__(self, config):
+        super().__init__(config)
+        theta = rotary_frequencies(self.head_dim, config.positional.rope_base)
+        self.register_buffer("theta", theta, persistent=False)
+
+    def positions(self, batch_size: int, seq_len: int, device, offset: int) -> torch.Tensor:
+        """Positions for the rotary tables: [1, N] shared by every row (RandPE overrides)."""
+        return torch.arange(offset, offset + seq_len, device=device).unsqueeze(0)
+
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+        cos, sin = rotary_tables(self.positions(batch_size, seq_len, device, offset), self.theta, dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # [1 or B, 1, N, F]

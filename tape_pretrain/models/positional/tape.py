@@ -1,0 +1,110 @@
+"""TAPE: a positional state that every layer updates from the content (TAPE.md sections 2-4).
+
+The state is Z = c + i s per head and frequency, stored fused as cs = [c | s]: [B, H, N, 2F].
+At layer 0, Z_{n,f} = exp(i (n + k) theta_f), so with the update weights at their zero init the
+model is exactly a RoPE Llama.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tape_pretrain.models.positional.base import (
+    PositionalEncoding,
+    PositionalLayer,
+    apply_rotary,
+    attention,
+    rotary_frequencies,
+    rotary_tables,
+)
+
+
+class TAPEPositionMLP(nn.Module):
+    """The MLP-side update M_n = W_pd diag(silu(W_x m_n)) W_pu, an H x H head mix per token."""
+
+    def __init__(self, hidden_size: int, num_heads: int, position_size: int):
+        super().__init__()
+        self.x_proj = nn.Linear(hidden_size, position_size, bias=False)  # W_x: [I, d]
+        self.up_proj = nn.Linear(num_heads, position_size, bias=False)  # W_pu: [I, H]
+        self.down_proj = nn.Linear(position_size, num_heads, bias=False)  # W_pd: [H, I]
+
+    def head_mix(self, mlp_out: torch.Tensor) -> torch.Tensor:
+        """The collapsed per-token matrix M: [B, N, H, H]."""
+        gate = F.silu(self.x_proj(mlp_out))  # [B, N, I]
+        return (self.down_proj.weight * gate.unsqueeze(-2)) @ self.up_proj.weight  # [B,N,H,I] @ [I,H]
+
+    def forward(self, mlp_out: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        """M_n applied to cs [B, H, N, 2F] through the collapsed matrix (3x faster on CPU than up -> gate -> down)."""
+        mix = self.head_mix(mlp_out).to(cs.dtype)  # [B, N, H, H]
+        return (mix @ cs.transpose(1, 2)).transpose(1, 2)  # [B,N,H,H] @ [B,N,H,2F] -> [B,H,N,2F]
+
+    def factored(self, mlp_out: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        """The same update as up -> gate -> down (the reference form; used by tests)."""
+        gate = F.silu(self.x_proj(mlp_out))  # [B, N, I]
+        up = torch.einsum("ih,bhnf->bnif", self.up_proj.weight, cs)
+        return torch.einsum("hi,bnif->bhnf", self.down_proj.weight, up * gate.unsqueeze(-1))
+
+
+class TAPELayer(PositionalLayer):
+    def __init__(self, hidden_size: int, num_heads: int, position_size: int, is_last: bool):
+        super().__init__()
+        # gamma_h is the row sum of this H x H matrix, kept as a matrix to match the official optimizer dynamics.
+        self.post_attention_linear = nn.Linear(num_heads, num_heads, bias=False)
+        self.pe = TAPEPositionMLP(hidden_size, num_heads, position_size)
+        self.is_last = is_last  # the last layer's state update is never read: skip it
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.post_attention_linear.weight)
+        nn.init.zeros_(self.pe.up_proj.weight)
+
+    def attend(self, q, k, v, cs, causal):
+        c, s = cs.chunk(2, dim=-1)
+        q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+        out = attention(q, k, v, causal)  # [B, H, N, D]
+        if self.is_last:
+            return out, cs
+        # A second call with the same q, k reuses the fused kernel ([c|s] is exactly D wide), where one call
+        # over [v|c|s] (2D wide) would fall back to the math kernel; autograd stays exact either way.
+        moved = attention(q, k, cs, causal)  # A @ [c|s]: [B, H, N, 2F]
+        gamma = self.post_attention_linear.weight.sum(dim=-1)  # [H]
+        return out, cs + gamma[:, None, None].to(cs.dtype) * moved
+
+    def after_mlp(self, mlp_out, cs):
+        if self.is_last:
+            return cs
+        return cs + self.pe(mlp_out, cs)
+
+
+class TAPE(PositionalEncoding):
+    name = "tape"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.position_size = config.positional.tape_position_size or 4 * config.num_heads
+        self.register_buffer("theta", rotary_frequencies(self.head_dim, config.positional.rope_base),
+                             persistent=False)
+        self.random_offset = config.positional.tape_random_offset
+        self.max_seq_len = config.max_seq_len
+
+    def make_layer(self, layer_idx):
+        c = self.config
+        return TAPELayer(c.hidden_size, c.num_heads, self.position_size, is_last=layer_idx == c.num_layers - 1)
+
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+        if self.random_offset and self.training:
+            # Shift invariance makes this a no-op up to rounding; kept for parity with the official recipe.
+            offset = offset + int(torch.randint(0, 2 * self.max_seq_len + 1, ()))
+        positions = torch.arange(offset, offset + seq_len, device=device)
+        cos, sin = rotary_tables(positions, self.theta, dtype)  # [N, F]
+        cs = torch.cat((cos, sin), dim=-1)  # [N, 2F]
+        return cs.expand(batch_size, self.num_heads, seq_len, self.head_dim)
+
+    def extra_forward_flops_per_token(self, seq_len):
+        c = self.config
+        h, i, d = c.num_heads, self.position_size, c.hidden_size
+        updating_layers = c.num_layers - 1
+        attention_side = 2 * seq_len * d  # A @ [c|s], as wide as A @ v
+        mlp_side = 2 * d * i + 2 * h * h * i + 2 * h * h * self.head_dim  # x_proj, collapse M, apply M
+        return updating_layers * (attention_side + mlp_side)

@@ -1,0 +1,41 @@
+"""xPos: RoPE with a per-frequency exponential decay, q scaled by zeta^(n/s) and k by zeta^(-n/s)."""
+
+from __future__ import annotations
+
+import torch
+
+from tape_pretrain.models.positional.base import (
+    PositionalEncoding,
+    PositionalLayer,
+    apply_rotary,
+    attention,
+    rotary_frequencies,
+)
+
+
+class XPosLayer(PositionalLayer):
+    def attend(self, q, k, v, state, causal):
+        cos_q, sin_q, cos_k, sin_k = state
+        return attention(apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k), v, causal), state
+
+
+class XPos(PositionalEncoding):
+    name = "xpos"
+    layer_class = XPosLayer
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = self.head_dim
+        self.register_buffer("theta", rotary_frequencies(d, config.positional.rope_base), persistent=False)
+        zeta = (torch.arange(0, d, 2, dtype=torch.float64) + 0.4 * d) / (1.4 * d)  # (2f + 0.4D) / 1.4D
+        self.register_buffer("zeta", zeta, persistent=False)
+        self.scale_base = config.positional.xpos_scale_base
+
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+        # A per-frequency scale commutes with the rotation of its (f, f+F) pair, so it folds into the tables.
+        n = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float64).unsqueeze(-1)
+        angles = n * self.theta
+        scale = self.zeta ** (n / self.scale_base)  # [N, F]
+        cos, sin = angles.cos(), angles.sin()
+        tables = (cos * scale, sin * scale, cos / scale, sin / scale)
+        return tuple(t.to(dtype)[None, None] for t in tables)  # each [1, 1, N, F]

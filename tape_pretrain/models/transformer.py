@@ -1,0 +1,135 @@
+"""A Llama-style decoder whose blocks carry (x, positional state).
+
+Legend: B batch, N tokens, d hidden size, H heads, D = d / H head dim, V vocab, L layers.
+Pre-norm RMSNorm, SwiGLU MLP, no biases, untied embeddings. Single-device code: engines in
+tape_pretrain.distributed wrap it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tape_pretrain.config import ModelConfig
+from tape_pretrain.models.positional import REGISTRY, PositionalLayer
+from tape_pretrain.models.presets import resolve_model_config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as Hugging Face Llama does) so bf16 activations keep their scale.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:  # [B,N,d] -> [B,H,N,D]
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def forward(self, h, state, positional: PositionalLayer, causal: bool):
+        q, k, v = (self.split_heads(proj(h)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out, state = positional.attend(q, k, v, state, causal)  # [B,H,N,D]
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), state
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, positional: PositionalLayer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config.hidden_size, config.num_heads)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.ffn_hidden_size)
+        self.positional = positional
+
+    def forward(self, x, state, causal: bool = True):
+        a, state = self.self_attn(self.input_layernorm(x), state, self.positional, causal)
+        x = x + a
+        m = self.mlp(self.post_attention_layernorm(x))
+        x = x + m
+        return x, self.positional.after_mlp(m, state)  # TAPE reads the MLP output, not the residual
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward(input_ids [B,N]) -> logits [B,N,V]``; positions start at 0 in each row."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config = resolve_model_config(config)
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.positional = REGISTRY[config.positional.name](config)
+        self.layers = nn.ModuleList(
+            Block(config, self.positional.make_layer(i)) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for layer in self.layers:
+            layer.positional.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, causal: bool = True, position_offset: int = 0,
+                initial_state=None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [B,N,d]
+        b, n = input_ids.shape
+        state = initial_state
+        if state is None:
+            state = self.positional.initial_state(b, n, input_ids.device, x.dtype,
+                                                  offset=position_offset, causal=causal)
+        for layer in self.layers:
+            x, state = layer(x, state, causal)
+        return self.lm_head(self.norm(x))  # [B,N,V]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_positional_parameters(self) -> int:
+        """Parameters added by the positional encoding (TAPE's update weights, FIRE's MLPs, ...)."""
+        return sum(p.numel() for layer in self.layers for p in layer.positional.parameters()) + sum(
+            p.numel() for p in self.positional.parameters())
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs of one forward pass per token at length seq_len (PaLM convention: full
+        attention, 2 FLOPs per multiply-add), including the positional encoding's extra work."""
+        c = self.config
+        per_layer = 4 * c.hidden_size**2 + 3 * c.hidden_size * c.ffn_hidden_size
+        dense = 2 * (c.num_layers * per_layer + c.vocab_size * c.hidden_size)
+        attention = 4 * c.num_layers * c.hidden_size * seq_len
+        return dense + attention + self.positional.extra_forward_flops_per_token(seq_len)
+
+
+def build_model(config: ModelConfig) -> Transformer:
+    return Transformer(config)

@@ -1,0 +1,60 @@
+"""The config tree: YAML + overrides, clear errors, and every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+
+from tape_pretrain.config import ConfigError, load_config
+from tape_pretrain.models.presets import resolve_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_loads(path):
+    if path.parent.name == "studies":
+        from tape_pretrain.study.spec import load_study
+
+        load_study(path)
+    else:
+        config = load_config(path)
+        resolve_model_config(config.model)
+
+
+def test_overrides_take_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  max_steps: 5\nmodel:\n  positional:\n    name: rope\n")
+    config = load_config(f, ["trainer.max_steps=7", "model.positional.name=alibi", "optim.betas=[0.8, 0.9]"])
+    assert config.trainer.max_steps == 7
+    assert config.model.positional.name == "alibi"
+    assert config.optim.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["trainer.max_stepz=3"], "unknown config key trainer.max_stepz"),
+    (["model.positional.name=rotary"], "model.positional.name: 'rotary' is not one of"),
+    (["trainer.micro_batch_size=two"], "trainer.micro_batch_size: expected an integer"),
+    (["checkpoint.keep_last=1"], "checkpoint.keep_last must be at least 2"),
+    (["trainer.seq_len=100", "trainer.global_batch_tokens=1000"], "not a multiple of trainer.seq_len"),
+    (["curriculum.phases=[{seq_len: 48}]"], r"curriculum.phases\[0\].seq_len=48 must divide"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3"),
+    (["nonsense"], "not of the form key=value"),
+])
+def test_bad_values_name_the_dotted_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_unknown_preset_is_named():
+    config = load_config(None, ["model.preset=giant"])
+    with pytest.raises(ConfigError, match="unknown preset 'giant'"):
+        resolve_model_config(config.model)
