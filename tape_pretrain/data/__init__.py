@@ -1,0 +1,1 @@
+"""Data: sources, the SentencePiece tokenizer, token shards with a manifest, and the training loader."""

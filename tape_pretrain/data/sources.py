@@ -1,0 +1,171 @@
+"""Document sources: Hugging Face datasets, fsspec globs of text files, and builtin corpora.
+
+SRC forms:
+- ``hf:NAME[:CONFIG][@SPLIT]``: a hub dataset (streamed), or ``hf:/path/to/saved`` (``save_to_disk``)
+- a path or URL, with globs: ``*.txt`` (one document per file), ``*.jsonl[.gz|.zst]`` (one per line),
+  ``*.parquet`` (one per row); the text field is configurable (default ``text``)
+- ``builtin:python-stdlib``: the running Python's standard-library sources, present on every machine
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tape_pretrain.data.storage import open_url
+from tape_pretrain.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+
+
+@dataclass
+class SourceStats:
+    """Counters of what reading the sources skipped or repaired."""
+
+    documents: int = 0
+    empty_skipped: int = 0
+    invalid_utf8_replaced: int = 0
+    files: int = 0
+    bytes_read: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)
+
+
+def builtin_corpus(name: str) -> list[str]:
+    """Sorted file list of a builtin corpus."""
+    if name == "python-stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts]
+        return sorted(str(p) for p in files)
+    raise DataError(f"builtin:{name}: unknown builtin corpus (known: python-stdlib)")
+
+
+def _decode(raw: bytes, stats: SourceStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8_replaced += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _open_compressed(raw: bytes, path: str) -> bytes:
+    if path.endswith(".gz"):
+        return gzip.decompress(raw)
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+    return raw
+
+
+def _jsonl_documents(raw: bytes, path: str, text_field: str, stats: SourceStats) -> Iterator[str]:
+    for line_no, line in enumerate(_open_compressed(raw, path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(_decode(line, stats))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{path}:{line_no}: record has no text field {text_field!r}")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: field {text_field!r} is not a string")
+        yield text
+
+
+def _parquet_documents(fs, path: str, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f)
+        if text_field not in table.schema_arrow.names:
+            raise DataError(f"{path}: parquet file has no column {text_field!r} "
+                            f"(columns: {', '.join(table.schema_arrow.names)})")
+        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_options) -> Iterator[str]:
+    fs, _ = open_url(spec, storage_options)
+    try:
+        paths = sorted(fs.glob(fs._strip_protocol(spec))) if any(c in spec for c in "*?[") else [
+            fs._strip_protocol(spec)]
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            paths = sorted(p for p in fs.find(paths[0]) if p.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",)))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{spec}: cannot list input ({exc})") from None
+    if not paths or not fs.exists(paths[0]):
+        raise DataError(f"{spec}: no input files match")
+    for path in paths:
+        stats.files += 1
+        if path.endswith(".parquet"):
+            yield from _parquet_documents(fs, path, text_field)
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc})") from None
+        stats.bytes_read += len(raw)
+        if path.endswith(JSONL_SUFFIXES):
+            yield from _jsonl_documents(raw, path, text_field, stats)
+        elif path.endswith(TEXT_SUFFIXES) or "." not in Path(path).name:
+            yield _decode(raw, stats)
+        else:
+            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl[.gz|.zst] or .parquet)")
+
+
+def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
+    import datasets
+
+    body = spec.removeprefix("hf:")
+    split = "train"
+    if "@" in body:
+        body, split = body.rsplit("@", 1)
+    if Path(body).exists():
+        ds = datasets.load_from_disk(body)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{spec}: saved dataset has no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+    else:
+        name, _, config = body.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{spec}: dataset has no column {text_field!r} (columns: {', '.join(columns)})")
+    for record in ds:
+        yield record[text_field]
+
+
+def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStats | None = None,
+                   storage_options=None) -> Iterator[str]:
+    """Non-empty documents of every source, in a fixed order; counts empty and repaired ones in ``stats``."""
+    stats = stats if stats is not None else SourceStats()
+    for spec in specs:
+        if spec.startswith("builtin:"):
+            inner: Iterator[str] = (d for path in builtin_corpus(spec.removeprefix("builtin:"))
+                                    for d in _file_documents(path, text_field, stats, None))
+        elif spec.startswith("hf:"):
+            inner = _hf_documents(spec, text_field)
+        else:
+            inner = _file_documents(spec, text_field, stats, storage_options)
+        count = 0
+        for text in inner:
+            if not text.strip():
+                stats.empty_skipped += 1
+                continue
+            if "\x00" in text:
+                text = text.replace("\x00", "")
+            stats.documents += 1
+            count += 1
+            yield text
+        stats.per_source[spec] = count
