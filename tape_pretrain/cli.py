@@ -31,6 +31,7 @@ def cmd_prep(args) -> None:
     prepare(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, workers=args.workers,
                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                         text_field=args.text_field, overwrite=args.overwrite,
+                        chunk_docs=args.chunk_docs, dtype=args.dtype,
                         storage_options=_storage_options(args.storage_option), progress=not args.quiet))
 
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="target tokens per shard")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--chunk-docs", type=int, default=64, help="documents per tokenization task")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

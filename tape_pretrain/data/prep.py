@@ -1,7 +1,7 @@
 """`tape-pretrain prep`: tokenize sources into checksummed shards with a manifest, on any fsspec URL.
 
 Determinism: documents are read in a fixed order, assigned to train/val by their index, and grouped
-into chunks of CHUNK_DOCS consecutive documents of one split. Chunks are tokenized in parallel but
+into chunks of ``chunk_docs`` consecutive documents of one split. Chunks are tokenized in parallel but
 written in order, and a shard closes after the chunk that brings it to ``shard_tokens``. The output
 therefore depends on the inputs, the tokenizer and the options, never on the worker count.
 
@@ -16,6 +16,8 @@ import collections
 import hashlib
 import json
 import multiprocessing
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,8 +30,9 @@ from tape_pretrain.data.storage import exists, join, open_url, read_bytes, write
 from tape_pretrain.data.tokenizer import Tokenizer
 from tape_pretrain.errors import DataError
 
-CHUNK_DOCS = 64
 JOURNAL = "_prep"
+# Fault-injection hook for tests: seconds to pause after each shard, so a kill can land mid-run.
+_SLEEP_PER_SHARD = float(os.environ.get("TAPE_PRETRAIN_PREP_SLEEP_PER_SHARD", "0"))
 
 
 @dataclass
@@ -43,6 +46,7 @@ class PrepOptions:
     text_field: str = "text"
     overwrite: bool = False
     dtype: str = "auto"
+    chunk_docs: int = 64
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
@@ -112,6 +116,8 @@ class ShardWriter:
                            json.dumps(journal).encode())
         self.entries.append(entry)
         self.pending, self.pending_tokens, self.pending_docs = [], 0, 0
+        if _SLEEP_PER_SHARD:
+            time.sleep(_SLEEP_PER_SHARD)
 
 
 def _completed_shards(fs, root: str, split: str) -> list[JournalEntry]:
@@ -136,7 +142,7 @@ def _completed_shards(fs, root: str, split: str) -> list[JournalEntry]:
 
 def _recipe(options: PrepOptions, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
     return {"inputs": list(options.inputs), "text_field": options.text_field, "val_fraction": options.val_fraction,
-            "shard_tokens": options.shard_tokens, "chunk_docs": CHUNK_DOCS, "dtype": dtype,
+            "shard_tokens": options.shard_tokens, "chunk_docs": options.chunk_docs, "dtype": dtype,
             "tokenizer_sha256": tokenizer.sha256}
 
 
@@ -181,6 +187,8 @@ def prepare(options: PrepOptions) -> Manifest:
         raise DataError(f"--workers must be at least 1, got {options.workers}")
     if not 0 <= options.val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
+    if options.chunk_docs <= 0:
+        raise DataError(f"--chunk-docs must be positive, got {options.chunk_docs}")
     if options.shard_tokens <= 0:
         raise DataError(f"--shard-tokens must be positive, got {options.shard_tokens}")
     tokenizer = Tokenizer.load(options.tokenizer, options.storage_options)
@@ -216,7 +224,7 @@ def prepare(options: PrepOptions) -> Manifest:
             if seen[split] <= writers[split].docs_done:
                 continue  # already in a verified shard
             pending[split].append(text)
-            if len(pending[split]) == CHUNK_DOCS:
+            if len(pending[split]) == options.chunk_docs:
                 yield split, pending[split]
                 pending[split] = []
         for split in SPLITS:
@@ -224,17 +232,19 @@ def prepare(options: PrepOptions) -> Manifest:
                 yield split, pending[split]
 
     total_tokens = 0
-    for split, tokens, num_docs in _run_jobs(jobs(), tokenizer, options.workers):
-        writers[split].add(tokens, num_docs)
-        total_tokens += len(tokens)
+    try:
+        for split, tokens, num_docs in _run_jobs(jobs(), tokenizer, options.workers):
+            writers[split].add(tokens, num_docs)
+            total_tokens += len(tokens)
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                progress.set_postfix(tokens=f"{total_tokens:,}", MBps=f"{stats.bytes_read / 1e6 / elapsed:.1f}",
+                                     refresh=False)
+        for writer in writers.values():
+            writer.flush()
+    finally:
         if progress is not None:
-            elapsed = time.perf_counter() - started
-            progress.set_postfix(tokens=f"{total_tokens:,}", MBps=f"{stats.bytes_read / 1e6 / elapsed:.1f}",
-                                 refresh=False)
-    for writer in writers.values():
-        writer.flush()
-    if progress is not None:
-        progress.close()
+            progress.close()
     if stats.documents == 0:
         raise DataError(f"{', '.join(options.inputs)}: the corpus is empty (no non-empty documents)")
 
@@ -261,7 +271,7 @@ def _progress(enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(unit="doc", desc="prep", mininterval=1.0)
+    return tqdm(unit="doc", desc="prep", mininterval=1.0, delay=2.0)  # quick runs and errors stay quiet
 
 
 def _run_jobs(jobs, tokenizer: Tokenizer, workers: int):
@@ -271,8 +281,9 @@ def _run_jobs(jobs, tokenizer: Tokenizer, workers: int):
             tokens, num_docs = tokenizer.encode_documents(texts)
             yield split, tokens, num_docs
         return
-    # spawn: forking a process whose storage clients run event-loop threads (s3fs, gcsfs) can deadlock.
-    context = multiprocessing.get_context("spawn")
+    # Forking is fast but unsafe once other threads run (s3fs/gcsfs event loops hold locks): spawn then.
+    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_bytes,)) as pool:
         in_flight: collections.deque = collections.deque()
         for job in jobs:
