@@ -1,0 +1,1 @@
+"""Distributed setup and the training engines (DeepSpeed ZeRO, FSDP2) behind one interface."""

@@ -1,0 +1,93 @@
+"""DeepSpeed ZeRO stages 0-3. The only module that imports deepspeed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from tape_pretrain.config import ConfigError, RunConfig
+from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
+from tape_pretrain.distributed.env import DistEnv
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
+import deepspeed.comm.torch as _ds_comm  # noqa: E402
+
+# On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce used only by its inference path; every rank
+# compiling it at start costs ~30 s on a fresh machine and races between processes. Training never calls it.
+if not torch.cuda.is_available():
+    _ds_comm.build_shm_op = lambda: None
+
+
+def deepspeed_config(config: RunConfig, env: DistEnv, grad_accum: int) -> dict:
+    """Our config as DeepSpeed's, with a user JSON (parallel.deepspeed_config) merged over it."""
+    ds = {
+        "train_micro_batch_size_per_gpu": config.trainer.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "bf16": {"enabled": compute_dtype(config, env) == torch.bfloat16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if config.parallel.deepspeed_config:
+        path = config.parallel.deepspeed_config
+        try:
+            with open(path) as f:
+                user = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"parallel.deepspeed_config: cannot read {path}: {exc}") from None
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if key in user and user[key] != ds.get(key, user[key]):
+                raise ConfigError(f"parallel.deepspeed_config sets {key}={user[key]}: batch sizes come from "
+                                  "trainer.global_batch_tokens and trainer.micro_batch_size")
+        _merge(ds, user)
+    return ds
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model, config: RunConfig, env: DistEnv, grad_accum: int):
+        self.config = config
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, config.optim.weight_decay, config.optim.decay_embeddings),
+            lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=deepspeed_config(config, env, grad_accum),
+            dist_init_required=False)
+        self.module = self.engine.module
+
+    def train_micro_step(self, inputs, labels, is_boundary):
+        loss = lm_loss(self.engine(inputs), labels)
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+        if not is_boundary:
+            self.engine.step()  # accumulation bookkeeping only; the optimizer steps at the boundary
+        return loss.detach()
+
+    def optimizer_step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return norm if norm is not None else float("nan")
+
+    def eval_logits(self, inputs):
+        return self.engine(inputs)
+
+    def save(self, directory):
+        self.engine.save_checkpoint(directory, tag="engine", save_latest=False)
+
+    def load(self, directory):
+        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}/engine")

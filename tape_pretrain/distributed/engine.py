@@ -1,0 +1,84 @@
+"""The interface the trainer uses, whatever engine runs underneath (DeepSpeed ZeRO or FSDP2)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tape_pretrain.config import ConfigError, RunConfig
+from tape_pretrain.distributed.env import DistEnv
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; logits [B,N,V], labels [B,N]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases and scalars never; embeddings and head only if asked."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_embedding = name.startswith(("embed_tokens.", "lm_head."))
+        if param.ndim < 2 or (is_embedding and not decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward pass; parameter names are unchanged."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.__class__.forward, block, use_reentrant=False)
+
+
+def compute_dtype(config: RunConfig, env: DistEnv) -> torch.dtype:
+    precision = config.trainer.precision
+    if precision == "auto":
+        return torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    if precision == "bf16" and env.device.type == "cpu":
+        raise ConfigError("trainer.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class Engine:
+    """Forward/backward with accumulation, the optimizer step, and state save/load."""
+
+    module: nn.Module
+
+    def train_micro_step(self, inputs: torch.Tensor, labels: torch.Tensor, is_boundary: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the detached loss."""
+        raise NotImplementedError
+
+    def optimizer_step(self, lr: float) -> torch.Tensor | float:
+        """Clip, step, zero grads; returns the pre-clip global grad norm."""
+        raise NotImplementedError
+
+    def eval_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        """Write the engine state (model + optimizer, sharded as the engine likes) into a local directory."""
+        raise NotImplementedError
+
+    def load(self, directory: str) -> None:
+        raise NotImplementedError
+
+    def wait_for_save(self) -> None:
+        """Block until a background save, if any, is durable."""
+
+
+def build_engine(model: nn.Module, config: RunConfig, env: DistEnv, grad_accum: int) -> Engine:
+    if config.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.parallel.engine == "deepspeed":
+        from tape_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, config, env, grad_accum)
+    from tape_pretrain.distributed.fsdp_engine import FSDP2Engine
+
+    return FSDP2Engine(model, config, env, grad_accum)

@@ -1,0 +1,186 @@
+"""Checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX/ with the engine state, trainer_state.json, per-rank
+RNG states, files.json (size and sha256 of every file) and a COMPLETE marker written last.
+
+Loading verifies files.json before any engine file (which may unpickle) is opened, and falls back
+to the previous complete checkpoint when the newest one is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tape_pretrain.distributed.env import DistEnv, barrier
+from tape_pretrain.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+FILES = "files.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_table(directory: Path) -> dict[str, dict]:
+    table = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name not in (COMPLETE, FILES):
+            table[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return table
+
+
+def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> dict:
+    """Check COMPLETE, files.json, every size and checksum, and the directory's permissions.
+
+    Returns the trainer state. Raises CheckpointError naming the file and the reason.
+    """
+    if not (directory / COMPLETE).is_file():
+        raise CheckpointError(f"{directory}: no {COMPLETE} marker (interrupted save)")
+    mode = directory.stat().st_mode
+    if not allow_group_writable and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CheckpointError(f"{directory}: writable by other users; refusing to load files that unpickle "
+                              "(chmod go-w to trust it)")
+    try:
+        table = json.loads((directory / FILES).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory / FILES}: unreadable ({exc})") from None
+    for rel, expected in table.items():
+        path = directory / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{directory / FILES}: entry {rel!r} escapes the checkpoint directory")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(f"{path}: size {path.stat().st_size} != recorded {expected['size']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: sha256 mismatch (corrupted)")
+    extra = set(_file_table_names(directory)) - set(table)
+    if extra:
+        raise CheckpointError(f"{directory}: unrecorded file {sorted(extra)[0]!r} (tampered?)")
+    return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def _file_table_names(directory: Path) -> list[str]:
+    return [str(p.relative_to(directory)) for p in directory.rglob("*")
+            if p.is_file() and p.name not in (COMPLETE, FILES)]
+
+
+@dataclass
+class CheckpointManager:
+    run_dir: Path
+    env: DistEnv
+    keep_last: int = 3
+    keep_every: int = 0
+
+    @property
+    def root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        """Collective: every rank calls it. COMPLETE appears only after every rank's files are written."""
+        directory = self.root / step_dir_name(step)
+        if self.env.is_main:
+            if directory.exists():  # a leftover of an interrupted save of the same step
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+        barrier(self.env)
+        engine.save(str(directory / "engine"))
+        engine.wait_for_save()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        (directory / "rng").mkdir(exist_ok=True)
+        torch.save(rng, directory / "rng" / f"rank_{self.env.rank:05d}.pt")
+        barrier(self.env)
+        if self.env.is_main:
+            (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+            (directory / FILES).write_text(json.dumps(_file_table(directory), indent=1, sort_keys=True))
+            _fsync_dir(directory)
+            _hook_before_complete()
+            (directory / COMPLETE).write_text(f"{step}\n")
+            _fsync_dir(directory)
+            self.apply_retention(protect=step)
+        barrier(self.env)
+        return directory
+
+    def latest_valid(self, explicit: str | None = None) -> tuple[Path, dict] | None:
+        """The newest checkpoint that verifies (or the explicit one), warning about each skipped one."""
+        if explicit:
+            directory = Path(explicit)
+            return directory, verify_checkpoint(directory)
+        for step in reversed(self.steps()):
+            directory = self.root / step_dir_name(step)
+            try:
+                return directory, verify_checkpoint(directory)
+            except CheckpointError as exc:
+                if self.env.is_main:
+                    print(f"warning: skipping checkpoint {directory.name}: {exc}")
+        return None
+
+    def apply_retention(self, protect: int) -> None:
+        """Keep the newest keep_last complete checkpoints (and every keep_every-th); never the one just written."""
+        complete = [s for s in self.steps() if (self.root / step_dir_name(s) / COMPLETE).exists()]
+        keep = set(complete[-self.keep_last:]) | {protect}
+        if self.keep_every:
+            keep |= {s for s in complete if s % self.keep_every == 0}
+        for step in self.steps():
+            if step in keep or step > protect:
+                continue
+            directory = self.root / step_dir_name(step)
+            try:
+                (directory / COMPLETE).unlink(missing_ok=True)  # no longer a candidate, even if rmtree fails
+                shutil.rmtree(directory)
+            except OSError as exc:
+                print(f"warning: could not delete old checkpoint {directory}: {exc}")
+
+    def load_rng(self, directory: Path) -> None:
+        path = directory / "rng" / f"rank_{self.env.rank:05d}.pt"
+        if not path.exists():  # a different world size: keep the fresh per-rank seeds
+            return
+        rng = torch.load(path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _hook_before_complete() -> None:
+    """Fault-injection hook for tests: pause between the files and the COMPLETE marker."""
+    delay = float(os.environ.get("TAPE_PRETRAIN_CKPT_SLEEP_BEFORE_COMPLETE", "0"))
+    if delay:
+        import time
+
+        time.sleep(delay)

@@ -1,0 +1,84 @@
+"""Metrics: RUN_DIR/metrics.jsonl on rank 0, a concise console line, optional wandb that never blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+from tape_pretrain.config import LoggingConfig
+from tape_pretrain.utils.redact import redact
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (override with trainer.peak_flops).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def gpu_peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def float_hex(value: float) -> str:
+    """The float32 bits of a loss, for bitwise comparisons across runs."""
+    return struct.pack(">f", value).hex()
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, logging: LoggingConfig, config_dict: dict, resume_step: int | None,
+                 run_name: str, wandb_id: str | None):
+        self.path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # lines written after the checkpoint we resume from belong to a run that did not survive
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if logging.wandb.mode != "disabled":
+            self._start_wandb(logging, config_dict, run_name, run_dir)
+
+    def _start_wandb(self, logging: LoggingConfig, config_dict: dict, run_name: str, run_dir: Path) -> None:
+        try:
+            import wandb
+
+            self.wandb = wandb.init(project=logging.wandb.project, entity=logging.wandb.entity,
+                                    name=logging.wandb.name or run_name, mode=logging.wandb.mode,
+                                    id=self.wandb_id, resume="allow", dir=str(run_dir), config=redact(config_dict),
+                                    settings=wandb.Settings(init_timeout=60, silent=True))
+            self.wandb_id = self.wandb.id
+        except Exception as exc:  # wandb must never stop training
+            print(f"warning: wandb disabled: {exc}", file=sys.stderr)
+            self.wandb = None
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            try:
+                self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
+            except Exception as exc:
+                print(f"warning: wandb log failed ({exc}); continuing without it", file=sys.stderr)
+                self.wandb = None
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass

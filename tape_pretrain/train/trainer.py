@@ -1,0 +1,322 @@
+"""The training loop. The trainer decides *when* (steps, logging, eval, checkpoints, stopping);
+the engine decides *how* (sharding, accumulation, the optimizer step)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tape_pretrain.config import ConfigError, RunConfig, to_dict
+from tape_pretrain.data.cache import cache_split
+from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
+from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.distributed.engine import build_engine
+from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
+from tape_pretrain.errors import CheckpointError, DataError
+from tape_pretrain.models import build_model
+from tape_pretrain.models.presets import resolve_model_config
+from tape_pretrain.train.checkpoint import CheckpointManager
+from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
+from tape_pretrain.train.schedule import Curriculum, learning_rate
+from tape_pretrain.utils.redact import redact
+
+
+def configure_determinism(config: RunConfig) -> None:
+    if config.trainer.num_threads is not None:
+        torch.set_num_threads(config.trainer.num_threads)
+    if config.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_run_model_config(config: RunConfig, vocab_size: int):
+    model = dataclasses.replace(config.model)
+    if model.vocab_size is None:
+        model.vocab_size = vocab_size
+    elif model.vocab_size != vocab_size:
+        raise DataError(f"model.vocab_size={model.vocab_size} but the dataset's tokenizer has {vocab_size} ids "
+                        "(wrong tokenizer or dataset?)")
+    if model.max_seq_len is None:
+        model.max_seq_len = config.trainer.seq_len
+    return resolve_model_config(model)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, env: DistEnv):
+        self.config, self.env = config, env
+        t = config.trainer
+        self.run_dir = Path(config.run_dir)
+        if config.data.path is None:
+            raise ConfigError("data.path is not set: point it at a dataset written by `tape-pretrain prep`")
+        manifest, self.fingerprint = load_manifest(config.data.path, config.data.storage_options)
+        self.manifest = manifest
+        self.model_config = resolve_run_model_config(config, int(manifest.tokenizer["vocab_size"]))
+
+        self.global_windows = t.global_batch_tokens // t.seq_len
+        if self.global_windows % env.world_size:
+            raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} is {self.global_windows} "
+                              f"sequences, not divisible by the world size {env.world_size}")
+        per_rank = self.global_windows // env.world_size
+        if per_rank % t.micro_batch_size:
+            raise ConfigError(f"{per_rank} sequences per rank per step is not a multiple of "
+                              f"trainer.micro_batch_size={t.micro_batch_size}")
+        self.grad_accum = per_rank // t.micro_batch_size
+
+        train_split = self._cache("train")
+        self.skipped_shards = train_split.skipped
+        self.loader = GlobalBatchLoader(TokenWindows(train_split, manifest.dtype, t.seq_len), self.fingerprint,
+                                        config.seed, self.global_windows, env.rank, env.world_size,
+                                        prefetch=config.data.prefetch_batches)
+        val_split = self._cache("val")
+        self.val_windows = TokenWindows(val_split, manifest.dtype, t.seq_len) if val_split.num_tokens > t.seq_len \
+            else None
+        self.curriculum = Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
+
+        torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
+        model = build_model(self.model_config)
+        if self.model_config.init_from:
+            from tape_pretrain.train.export import load_export_weights
+
+            load_export_weights(model, self.model_config.init_from)
+        self.flops_per_token = {}
+        self.model = model
+        self.engine = build_engine(model, config, env, self.grad_accum)
+        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
+
+        self.checkpoints = CheckpointManager(self.run_dir, env, config.checkpoint.keep_last,
+                                             config.checkpoint.keep_every)
+        self.step = 0
+        wandb_id = self._resume()
+        self.metrics = None
+        if env.is_main:
+            self.metrics = MetricsWriter(self.run_dir, config.logging, to_dict(config),
+                                         self.step if self.step else None, self.run_dir.name, wandb_id)
+            (self.run_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))
+        self.stop_requested = False
+        self._install_signal_handlers()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _cache(self, split: str):
+        c = self.config.data
+        if self.env.local_rank == 0:
+            result = cache_split(c.path, self.manifest, self.fingerprint, split, c.cache_dir, c.storage_options,
+                                 c.on_corrupt_shard)
+        barrier(self.env)
+        if self.env.local_rank != 0:
+            result = cache_split(c.path, self.manifest, self.fingerprint, split, c.cache_dir, c.storage_options,
+                                 c.on_corrupt_shard)
+        return result
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.step * self.config.trainer.global_batch_tokens,
+            "loader": self.loader.state_dict(),
+            "curriculum": self.curriculum.fingerprint(),
+            "global_batch_tokens": self.config.trainer.global_batch_tokens,
+            "seq_len": self.config.trainer.seq_len,
+            "model": to_dict(dataclasses.replace(self.model_config, init_from=None)),
+            "data_fingerprint": self.fingerprint,
+            "tokenizer_sha256": self.manifest.tokenizer["sha256"],
+            "skipped_shards": self.skipped_shards,
+            "engine": self.config.parallel.engine,
+            "world_size": self.env.world_size,
+            "wandb_id": self.metrics.wandb_id if self.metrics else None,
+            "git_revision": git_revision(),
+            "config": redact(to_dict(self.config)),
+        }
+
+    def _resume(self) -> str | None:
+        c = self.config.checkpoint
+        if not c.resume:
+            if self.checkpoints.steps() and not c.overwrite:
+                raise CheckpointError(f"{self.checkpoints.root} already has checkpoints and checkpoint.resume=false; "
+                                      "set checkpoint.overwrite=true to start over, or use a new run_dir")
+            return None
+        found = self.checkpoints.latest_valid(c.resume_from)
+        if found is None:
+            return None
+        directory, state = found
+        self._check_compatible(state)
+        self.engine.load(str(directory / "engine"))
+        self.loader.load_state_dict(state["loader"], allow_fingerprint_change="data" in c.allow_changes)
+        self.checkpoints.load_rng(directory)
+        self.step = int(state["step"])
+        if state.get("skipped_shards", []) != self.skipped_shards and "data" not in c.allow_changes:
+            raise CheckpointError(f"the checkpoint skipped shards {state.get('skipped_shards')} but this run skips "
+                                  f"{self.skipped_shards}: the data would differ")
+        if self.env.is_main:
+            print(f"resumed from {directory} (step {self.step}, saved by {state['world_size']} rank(s) "
+                  f"with {state['engine']})")
+        return state.get("wandb_id")
+
+    def _check_compatible(self, state: dict) -> None:
+        allowed = set(self.config.checkpoint.allow_changes)
+        mine = to_dict(dataclasses.replace(self.model_config, init_from=None))
+        if "model" not in allowed and state["model"] != mine:
+            diff = sorted(k for k in mine if mine[k] != state["model"].get(k))
+            raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
+                                  "(add 'model' to checkpoint.allow_changes if intended)")
+        if "batch" not in allowed and (state["global_batch_tokens"], state["seq_len"]) != (
+                self.config.trainer.global_batch_tokens, self.config.trainer.seq_len):
+            raise CheckpointError(
+                f"the checkpoint used global_batch_tokens={state['global_batch_tokens']} seq_len={state['seq_len']}; "
+                "this run differs (add 'batch' to checkpoint.allow_changes if intended)")
+        if "curriculum" not in allowed and state["curriculum"] != self.curriculum.fingerprint():
+            raise CheckpointError("the checkpoint's curriculum differs from this run's "
+                                  "(add 'curriculum' to checkpoint.allow_changes if intended)")
+        if state["engine"] != self.config.parallel.engine:
+            raise CheckpointError(f"the checkpoint was written by {state['engine']}, this run uses "
+                                  f"{self.config.parallel.engine}: export it and start with model.init_from")
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.stop_requested:
+                os._exit(128 + signum)  # a second signal: exit at once
+            self.stop_requested = True
+            if self.env.is_main:
+                print(f"received {signal.Signals(signum).name}: finishing the step, saving, exiting", flush=True)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def micro_batches(self, batch: torch.Tensor, seq_len: int):
+        """Split this rank's windows into micro-batches, each reshaped to rows of seq_len (DESIGN.md section 4)."""
+        for chunk in batch.split(self.config.trainer.micro_batch_size):
+            inputs = chunk[:, :-1].reshape(-1, seq_len).to(self.env.device, non_blocking=True)
+            labels = chunk[:, 1:].reshape(-1, seq_len).to(self.env.device, non_blocking=True)
+            yield inputs, labels
+
+    def run(self) -> dict:
+        t, env = self.config.trainer, self.env
+        progress = None
+        if env.is_main and t.progress_bar:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", mininterval=2.0,
+                            delay=1.0)
+        last = {}
+        window_start = time.perf_counter()
+        window_tokens = 0
+        while self.step < t.max_steps:
+            tokens_before = self.step * t.global_batch_tokens
+            seq_len = self.curriculum.seq_len(tokens_before)
+            first_window = self.loader.windows_consumed
+            batch = self.loader.next_batch()
+            losses = []
+            for i, (inputs, labels) in enumerate(self.micro_batches(batch, seq_len)):
+                losses.append(self.engine.train_micro_step(inputs, labels, is_boundary=i == self.grad_accum - 1))
+            lr = learning_rate(self.step, t.max_steps, self.config.optim.lr, self.config.schedule)
+            grad_norm = self.engine.optimizer_step(lr)
+            self.step += 1
+            window_tokens += t.global_batch_tokens
+            if progress is not None:
+                progress.update(1)
+
+            stop = all_agree_any(self.stop_requested, env)
+            final = self.step == t.max_steps or stop
+            if self.step % t.log_interval == 0 or final:
+                elapsed = time.perf_counter() - window_start
+                last = self._log(losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed)
+                window_start, window_tokens = time.perf_counter(), 0
+            if (t.eval_interval and self.step % t.eval_interval == 0) or final:
+                val = self.evaluate()
+                if val is not None and env.is_main:
+                    self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens,
+                                      "val_loss": val})
+                    last["val_loss"] = val
+            interval = self.config.checkpoint.interval
+            if (interval and self.step % interval == 0) or final:
+                self.checkpoints.save(self.step, self.engine, self.trainer_state())
+            if stop:
+                break
+        if progress is not None:
+            progress.close()
+        self.loader.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        return last
+
+    def _log(self, losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed) -> dict:
+        t = self.config.trainer
+        loss = torch.stack(losses).float().mean().cpu()
+        if self.env.world_size > 1:
+            dist.all_reduce(loss, group=self.env.control_group)  # gloo SUM; no GPU sync in the step
+            loss /= self.env.world_size
+        loss_value = float(loss)
+        grad_value = float(grad_norm) if grad_norm is not None else float("nan")
+        tokens_per_s = window_tokens / max(elapsed, 1e-9)
+        windows = self.loader.global_indices(first_window)
+        record = {
+            "step": self.step, "tokens": self.step * t.global_batch_tokens, "loss": loss_value,
+            "loss_hex": float_hex(loss_value), "lr": lr, "seq_len": seq_len, "grad_norm": grad_value,
+            "tokens_per_s": tokens_per_s, "step_time_s": elapsed * t.global_batch_tokens / max(window_tokens, 1),
+            "windows_hash": hashlib.blake2b(windows.tobytes(), digest_size=8).hexdigest(),
+        }
+        peak = self.config.trainer.peak_flops or gpu_peak_flops()
+        if peak:
+            flops = 3 * self.model.forward_flops_per_token(seq_len) * tokens_per_s
+            record["mfu"] = flops / (peak * self.env.world_size)
+        if self.env.is_main:
+            self.metrics.log(record)
+            if not t.progress_bar or self.step % (t.log_interval * 10) == 0 or self.step == t.max_steps:
+                print(f"step {self.step}/{t.max_steps} loss {loss_value:.4f} lr {lr:.2e} seq_len {seq_len} "
+                      f"grad_norm {grad_value:.3f} tok/s {tokens_per_s:,.0f}", flush=True)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first eval_batches micro-batches of the val split (full length, fixed windows)."""
+        if self.val_windows is None:
+            return None
+        t, env = self.config.trainer, self.env
+        per_rank = t.eval_batches * t.micro_batch_size
+        total = min(per_rank * env.world_size, self.val_windows.num_windows)
+        per_rank = total // env.world_size
+        if per_rank == 0:
+            return None
+        indices = torch.arange(env.rank * per_rank, (env.rank + 1) * per_rank).numpy()
+        batch = torch.from_numpy(self.val_windows.gather(indices))
+        module = self.engine.module
+        module.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        for inputs, labels in self.micro_batches(batch, t.seq_len):
+            logits = self.engine.eval_logits(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                     reduction="sum")
+            sums += torch.tensor([float(loss), labels.numel()], dtype=torch.float64)
+        module.train()
+        if env.world_size > 1:
+            dist.all_reduce(sums, group=env.control_group)
+        return float(sums[0] / sums[1])
+
+
+def train(config: RunConfig) -> dict:
+    configure_determinism(config)
+    env = init_distributed(config.parallel.timeout_s)
+    try:
+        trainer = Trainer(config, env)
+        return trainer.run()
+    finally:
+        shutdown()

@@ -1,0 +1,78 @@
+"""Launch helpers for multi-process tests: torchrun on loopback with c10d rendezvous, outer timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    from tape_pretrain.distributed.env import free_port as fp
+
+    return fp()
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def write_config(path: Path, dataset: str, run_dir: Path, **overrides) -> Path:
+    """A tiny, deterministic run config (fp32, one thread, log every step)."""
+    config = {
+        "run_dir": str(run_dir), "seed": 7,
+        "model": {"preset": None, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 128,
+                  "positional": {"name": "tape"}},
+        "data": {"path": dataset, "cache_dir": str(path.parent / "cache"), "prefetch_batches": 2},
+        "optim": {"lr": 3e-3},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "trainer": {"max_steps": 6, "seq_len": 64, "global_batch_tokens": 2048, "micro_batch_size": 8,
+                    "log_interval": 1, "num_threads": 1, "deterministic": True, "progress_bar": False,
+                    "eval_batches": 1},
+        "parallel": {"engine": "deepspeed", "zero_stage": 2, "timeout_s": 60},
+        "checkpoint": {"interval": 0, "keep_last": 3},
+    }
+    for key, value in overrides.items():
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_command(nproc: int, config: Path, *overrides: str, port: int | None = None) -> list[str]:
+    if nproc == 0:  # plain python, one process
+        return [sys.executable, "-m", "tape_pretrain.cli", "train", str(config), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port or free_port()}",
+            "-m", "tape_pretrain.cli", "train", str(config), *overrides]
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env or base_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Last record per step of metrics.jsonl (training lines only)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record
+    return out
