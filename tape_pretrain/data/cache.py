@@ -66,6 +66,7 @@ def cache_split(url: str, manifest: Manifest, fingerprint: str, split: str, cach
     verified = json.loads(verified_file.read_text()) if verified_file.exists() else {}
     vocab = int(manifest.tokenizer["vocab_size"])
     result = CachedSplit([])
+    known = dict(verified)
     for shard in manifest.splits.get(split, []):
         where = join(url, shard.path)
         if is_local(fs):
@@ -90,9 +91,10 @@ def cache_split(url: str, manifest: Manifest, fingerprint: str, split: str, cach
                 continue
             raise DataError(f"{where}: {reason}; set data.on_corrupt_shard=skip to train without it")
         result.shards.append(LocalShard(path, shard.num_tokens))
-    tmp = verified_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(verified))
-    tmp.replace(verified_file)
+    if verified != known:  # ranks on one node may get here together: private temp name, atomic rename
+        tmp = verified_file.with_name(f"verified.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(verified))
+        tmp.replace(verified_file)
     return result
 
 

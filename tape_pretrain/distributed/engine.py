@@ -22,6 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     """AdamW groups: matrices decay; norms, biases and scalars never; embeddings and head only if asked."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         is_embedding = name.startswith(("embed_tokens.", "lm_head."))
         if param.ndim < 2 or (is_embedding and not decay_embeddings):
             no_decay.append(param)

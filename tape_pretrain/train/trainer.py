@@ -112,6 +112,8 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))
         self.stop_requested = False
         self._install_signal_handlers()
+        # Fault-injection hook for tests: slow each step so that a signal or kill lands mid-run.
+        self._test_step_sleep = float(os.environ.get("TAPE_PRETRAIN_TEST_STEP_SLEEP", "0"))
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -230,6 +232,8 @@ class Trainer:
             lr = learning_rate(self.step, t.max_steps, self.config.optim.lr, self.config.schedule)
             grad_norm = self.engine.optimizer_step(lr)
             self.step += 1
+            if self._test_step_sleep:
+                time.sleep(self._test_step_sleep)
             window_tokens += t.global_batch_tokens
             if progress is not None:
                 progress.update(1)

@@ -54,6 +54,10 @@ class TAPELayer(PositionalLayer):
         self.post_attention_linear = nn.Linear(num_heads, num_heads, bias=False)
         self.pe = TAPEPositionMLP(hidden_size, num_heads, position_size)
         self.is_last = is_last  # the last layer's state update is never read: skip it
+        if is_last:
+            # Kept for the official layout and parameter count, but frozen: a parameter that never gets a
+            # gradient would also never get optimizer state, which breaks resharded checkpoint loading.
+            self.requires_grad_(False)
 
     def reset_parameters(self):
         nn.init.zeros_(self.post_attention_linear.weight)

@@ -1,0 +1,87 @@
+"""Exact resume: SIGTERM (preemption) and kill -9, 2 processes, across a curriculum phase change;
+losses after the resume are bitwise equal to an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import base_env, metrics, run, train_command, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ENGINES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2": ("fsdp2", 0)}
+CURRICULUM = {"phases": [{"seq_len": 32, "until_tokens": 4 * 2048}, {"seq_len": 64}]}
+
+
+def config_for(tmp_path, dataset, name, engine, interval):
+    engine_name, stage = ENGINES[engine]
+    return write_config(tmp_path / f"{name}.yaml", dataset, tmp_path / name, **{
+        "parallel.engine": engine_name, "parallel.zero_stage": stage, "trainer.max_steps": 10,
+        "curriculum": CURRICULUM, "checkpoint.interval": interval})
+
+
+def wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(f'"step": {step},' in line for line in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")
+
+
+def assert_bitwise_after(resumed, reference, first_step):
+    steps = [s for s in reference if s > first_step]
+    assert steps, "nothing left to compare"
+    assert [resumed[s]["loss_hex"] for s in steps] == [reference[s]["loss_hex"] for s in steps]
+    assert [resumed[s]["seq_len"] for s in steps] == [reference[s]["seq_len"] for s in steps]
+    assert [resumed[s]["windows_hash"] for s in steps] == [reference[s]["windows_hash"] for s in steps]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engine):
+    reference_cfg = config_for(tmp_path, dataset_path, "reference", engine, interval=0)
+    run(train_command(2, reference_cfg))
+    reference = metrics(tmp_path / "reference")
+    assert {r["seq_len"] for r in reference.values()} == {32, 64}
+
+    cfg = config_for(tmp_path, dataset_path, "run", engine, interval=0)
+    cmd = train_command(2, cfg)
+    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP="0.5")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it; its own exit code is not the signal of success
+    proc.wait(timeout=60)
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*/COMPLETE"))
+    assert len(saved) == 1, "preemption must leave exactly one complete checkpoint"
+    stopped_at = int(saved[0].parent.name.split("_")[1])
+    assert 3 <= stopped_at < 10
+    run(cmd)  # the same command resumes
+    assert_bitwise_after(metrics(tmp_path / "run"), reference, stopped_at)
+    assert max(metrics(tmp_path / "run")) == 10
+
+
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_kill_9_of_every_process_then_resume_bitwise(tmp_path, dataset_path, engine):
+    reference_cfg = config_for(tmp_path, dataset_path, "reference", engine, interval=3)
+    run(train_command(2, reference_cfg))
+    reference = metrics(tmp_path / "reference")
+
+    cfg = config_for(tmp_path, dataset_path, "run", engine, interval=3)
+    cmd = train_command(2, cfg)
+    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP="0.3")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_step(tmp_path / "run", 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers, no chance to save
+    proc.wait(timeout=30)
+    run(cmd)
+    resumed = metrics(tmp_path / "run")
+    assert_bitwise_after(resumed, reference, 3)
+    assert max(resumed) == 10
