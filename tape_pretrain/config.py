@@ -154,6 +154,8 @@ class TrainerConfig:
     """Micro-batches per rank used for each evaluation."""
     log_interval: int = 10
     """Write a metrics line every this many steps."""
+    stop_at_step: int | None = None
+    """Pause after this step with a checkpoint (e.g. to fit a job's time limit); re-run to continue."""
     num_threads: int | None = None
     """torch intra-op threads per process (fixed for bitwise reproducibility); None keeps torch's choice."""
     deterministic: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -13,7 +14,9 @@ from tape_pretrain.distributed.env import DistEnv
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
-import deepspeed.comm.torch as _ds_comm  # noqa: E402
+
+# `import deepspeed.comm.torch as m` would bind the torch package (an attribute of deepspeed.comm).
+_ds_comm = importlib.import_module("deepspeed.comm.torch")
 
 # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce used only by its inference path; every rank
 # compiling it at start costs ~30 s on a fresh machine and races between processes. Training never calls it.
@@ -82,6 +85,11 @@ class DeepSpeedEngine(Engine):
 
     def eval_logits(self, inputs):
         return self.engine(inputs)
+
+    def full_state_dict(self):
+        if self.config.parallel.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
+        return self.engine.module.state_dict()
 
     def save(self, directory):
         self.engine.save_checkpoint(directory, tag="engine", save_latest=False)

@@ -73,6 +73,10 @@ class Engine:
     def wait_for_save(self) -> None:
         """Block until a background save, if any, is durable."""
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 weights in our naming (collective; meaningful on rank 0)."""
+        raise NotImplementedError
+
 
 def build_engine(model: nn.Module, config: RunConfig, env: DistEnv, grad_accum: int) -> Engine:
     if config.parallel.activation_checkpointing:

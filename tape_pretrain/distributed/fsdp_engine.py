@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -50,6 +55,9 @@ class FSDP2Engine(Engine):
 
     def eval_logits(self, inputs):
         return self.module(inputs)
+
+    def full_state_dict(self):
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _state(self):
         model_state, optim_state = get_state_dict(self.module, self.optimizer)

@@ -238,7 +238,7 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
 
-            stop = all_agree_any(self.stop_requested, env)
+            stop = all_agree_any(self.stop_requested, env) or self.step == t.stop_at_step
             final = self.step == t.max_steps or stop
             if self.step % t.log_interval == 0 or final:
                 elapsed = time.perf_counter() - window_start
@@ -257,6 +257,8 @@ class Trainer:
                 break
         if progress is not None:
             progress.close()
+        if self.step == t.max_steps:
+            self.write_export()
         self.loader.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -288,6 +290,18 @@ class Trainer:
                 print(f"step {self.step}/{t.max_steps} loss {loss_value:.4f} lr {lr:.2e} seq_len {seq_len} "
                       f"grad_norm {grad_value:.3f} tok/s {tokens_per_s:,.0f}", flush=True)
         return record
+
+    def write_export(self) -> None:
+        """RUN_DIR/export: consolidated weights, config and tokenizer, loadable without an engine."""
+        from tape_pretrain.data.manifest import TOKENIZER
+        from tape_pretrain.data.storage import join, open_url, read_bytes
+        from tape_pretrain.train.export import save_export
+
+        state = self.engine.full_state_dict()
+        if self.env.is_main:
+            fs, root = open_url(self.config.data.path, self.config.data.storage_options)
+            save_export(state, self.model_config, self.run_dir / "export", read_bytes(fs, join(root, TOKENIZER)))
+        barrier(self.env)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

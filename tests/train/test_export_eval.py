@@ -1,0 +1,52 @@
+"""The end-of-run export loads without an engine (RoPE in stock transformers) and eval computes
+exp(mean token loss) on the same windows."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tape_pretrain.data.cache import cache_split
+from tape_pretrain.data.loader import TokenWindows
+from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.eval.perplexity import perplexity
+from tape_pretrain.train.export import load_export_model
+from tests.helpers import run, train_command, write_config
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def rope_run(tmp_path_factory, dataset_path):
+    root = tmp_path_factory.mktemp("export")
+    config = write_config(root / "rope.yaml", dataset_path, root / "run", **{
+        "model.positional.name": "rope", "trainer.max_steps": 3})
+    run(train_command(0, config))
+    return root / "run"
+
+
+def test_rope_export_loads_in_transformers(rope_run):
+    transformers = pytest.importorskip("transformers")
+    ours = load_export_model(str(rope_run / "export"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(rope_run / "export")).eval()
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+    assert (rope_run / "export" / "tokenizer.model").stat().st_size > 0
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss(rope_run, dataset_path, tmp_path):
+    model = load_export_model(str(rope_run / "export"))
+    manifest, fp = load_manifest(dataset_path)
+    windows = TokenWindows(cache_split(dataset_path, manifest, fp, "val", str(tmp_path)), manifest.dtype, 32)
+    result = perplexity(model, windows, max_tokens=32 * 5, batch_size=2, device="cpu")
+    losses = []
+    with torch.no_grad():
+        for i in range(5):  # one window at a time, independently
+            tokens = torch.from_numpy(windows.gather(np.array([i])))
+            losses.append(F.cross_entropy(model(tokens[:, :-1])[0].float(), tokens[0, 1:], reduction="none"))
+    expected = math.exp(torch.cat(losses).double().mean().item())
+    assert result["tokens"] == 5 * 32
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
