@@ -35,7 +35,7 @@ def test_overrides_take_precedence(tmp_path):
     (["model.positional.name=rotary"], "model.positional.name: 'rotary' is not one of"),
     (["trainer.micro_batch_size=two"], "trainer.micro_batch_size: expected an integer"),
     (["checkpoint.keep_last=1"], "checkpoint.keep_last must be at least 2"),
-    (["trainer.seq_len=100", "trainer.global_batch_tokens=1000"], "not a multiple of trainer.seq_len"),
+    (["trainer.seq_len=100", "trainer.global_batch_tokens=1050"], "not a multiple of trainer.seq_len"),
     (["curriculum.phases=[{seq_len: 48}]"], r"curriculum.phases\[0\].seq_len=48 must divide"),
     (["parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3"),
     (["nonsense"], "not of the form key=value"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -45,7 +46,7 @@ class MetricsWriter:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a")  # noqa: SIM115  (held for the run, closed in close())
         self.wandb = None
         self.wandb_id = wandb_id
         if logging.wandb.mode != "disabled":
@@ -78,7 +79,5 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
-            try:
+            with contextlib.suppress(Exception):  # wandb must never fail the run
                 self.wandb.finish()
-            except Exception:
-                pass

@@ -81,7 +81,8 @@ def test_killed_prep_resumes_to_the_same_dataset(tmp_path, corpus_dir, tokenizer
     inputs = [str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")]
     prep(inputs, tokenizer_path, tmp_path / "reference", shard_tokens=20_000, chunk_docs=4)
     cmd = [sys.executable, "-m", "tape_pretrain.cli", "prep", "--input", *inputs, "--tokenizer", tokenizer_path,
-           "--out", str(tmp_path / "ds"), "--shard-tokens", "20000", "--val-fraction", "0.1", "--quiet", "--chunk-docs", "4"]
+           "--out", str(tmp_path / "ds"), "--shard-tokens", "20000", "--val-fraction", "0.1", "--quiet",
+           "--chunk-docs", "4"]
     env = dict(cli_env, TAPE_PRETRAIN_PREP_SLEEP_PER_SHARD="0.5")  # slow writes so the kill lands mid-run
     proc = subprocess.Popen(cmd, env=env)
     journal = tmp_path / "ds" / "_prep"

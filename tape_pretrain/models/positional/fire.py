@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer, attention, causal_mask_bias
+from tape_pretrain.models.positional.base import (
+    PositionalEncoding,
+    PositionalLayer,
+    attention,
+    causal_mask_bias,
+)
 
 
 class FIRELayer(PositionalLayer):

@@ -1,0 +1,60 @@
+"""bench train: one step through the full trainer (loader, curriculum reshape, engine, logging) vs a bare
+forward/backward/AdamW step of the same model on the same batch shape, in one process."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tape_pretrain.bench.loader import prepared_dataset
+from tape_pretrain.bench.timing import format_result
+from tape_pretrain.config import load_config
+from tape_pretrain.distributed.engine import lm_loss
+from tape_pretrain.models import build_model
+from tape_pretrain.train.trainer import resolve_run_model_config, train
+
+
+def run(steps: int = 12, warmup: int = 4) -> dict:
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = prepared_dataset(tmp)
+        overrides = [f"run_dir={tmp}/run", f"data.path={url}", f"data.cache_dir={tmp}/cache",
+                     "model.preset=tiny", "trainer.seq_len=256", "trainer.global_batch_tokens=8192",
+                     "trainer.micro_batch_size=8", f"trainer.max_steps={warmup + steps}", "trainer.log_interval=1",
+                     "trainer.num_threads=2", "trainer.progress_bar=false", "parallel.engine=deepspeed",
+                     "parallel.zero_stage=0", "checkpoint.interval=0", "trainer.eval_interval=0"]
+        config = load_config(None, overrides)
+        start = time.perf_counter()
+        train(config)
+        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        trainer_step = statistics.median(r["step_time_s"] for r in lines if "loss" in r and r["step"] > warmup)
+        del start
+
+        from tape_pretrain.data.manifest import load_manifest
+
+        manifest, _ = load_manifest(url)
+        model = build_model(resolve_run_model_config(config, int(manifest.tokenizer["vocab_size"])))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tokens = torch.randint(0, model.config.vocab_size, (32, 257))
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            for chunk in tokens.split(8):
+                lm_loss(model(chunk[:, :-1]), chunk[:, 1:]).div(4).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        bare_step = statistics.median(times)
+    print(f"trainer step {trainer_step * 1000:.1f} ms vs bare step {bare_step * 1000:.1f} ms "
+          f"(tiny TAPE, 8192 tokens/step, DeepSpeed ZeRO-0, one process)")
+    result = {"trainer_step_ms": trainer_step * 1000, "bare_step_ms": bare_step * 1000,
+              "trainer_overhead": trainer_step / bare_step}
+    print(format_result(result))
+    return result
