@@ -67,17 +67,18 @@ def cmd_export(args) -> None:
     export_checkpoint(args.checkpoint, args.out)
 
 
-def cmd_study(args) -> None:
-    from tape_pretrain.study.runner import run_study
+def _not_yet(what: str) -> None:
+    from tape_pretrain.config import ConfigError
 
-    run_study(args.study, args.overrides, dry_run=args.dry_run)
+    raise ConfigError(f"{what} is not available in this version yet")
+
+
+def cmd_study(args) -> None:
+    _not_yet("tape-pretrain study")
 
 
 def cmd_doctor(args) -> None:
-    from tape_pretrain.config import load_config
-    from tape_pretrain.distributed.preflight import doctor
-
-    doctor(load_config(args.config, args.overrides) if args.config else None)
+    _not_yet("tape-pretrain doctor")
 
 
 def cmd_inspect_model(args) -> None:
@@ -104,10 +105,8 @@ def cmd_bench(args) -> None:
         from tape_pretrain.bench import train
 
         train.run()
-    if what in ("checkpoint", "all"):
-        from tape_pretrain.bench import checkpoint
-
-        checkpoint.run()
+    if what == "checkpoint":
+        _not_yet("bench checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
