@@ -29,11 +29,9 @@ def run(steps: int = 12, warmup: int = 4) -> dict:
                      "trainer.num_threads=2", "trainer.progress_bar=false", "parallel.engine=deepspeed",
                      "parallel.zero_stage=0", "checkpoint.interval=0", "trainer.eval_interval=0"]
         config = load_config(None, overrides)
-        start = time.perf_counter()
         train(config)
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         trainer_step = statistics.median(r["step_time_s"] for r in lines if "loss" in r and r["step"] > warmup)
-        del start
 
         from tape_pretrain.data.manifest import load_manifest
 

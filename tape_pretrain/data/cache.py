@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tape_pretrain.data.manifest import Manifest, ShardInfo, load_manifest
+from tape_pretrain.data.manifest import Manifest, ShardInfo
 from tape_pretrain.data.storage import is_local, join, open_url
 from tape_pretrain.errors import DataError
 
@@ -112,6 +112,3 @@ def _download(fs, remote: str, path: str, shard: ShardInfo, dtype: str, vocab: i
         os.unlink(tmp)
     return reason
 
-
-def open_dataset(url: str, storage_options=None) -> tuple[Manifest, str]:
-    return load_manifest(url, storage_options)

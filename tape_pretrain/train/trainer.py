@@ -96,7 +96,6 @@ class Trainer:
             from tape_pretrain.train.export import load_export_weights
 
             load_export_weights(model, self.model_config.init_from)
-        self.flops_per_token = {}
         self.model = model
         self.engine = build_engine(model, config, env, self.grad_accum)
         torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
