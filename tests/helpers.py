@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,46 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, env=None) -> s
         raise AssertionError(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
                              f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
     return result
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (torchrun starts its workers in sessions of their own, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send sig to pid and all its descendants (found first, so none is reparented and missed)."""
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def start_training(cmd: list[str], step_sleep: float) -> subprocess.Popen:
+    """Start a run whose steps are slowed (test hook) so a fault can land mid-run."""
+    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP=str(step_sleep))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +58,24 @@ def check_launcher_environment(environ=os.environ) -> None:
             raise ConfigError(f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={local_world}")
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, ask the kernel to SIGKILL this worker when its agent dies (kill -9 of the agent, a lost
+    node): orphaned workers would otherwise keep training, holding devices and writing into the run directory."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     """Initialise the default process group (a world of one under plain python) and pick device/backend."""
     check_launcher_environment()
+    die_with_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -1,14 +1,12 @@
 """Exact resume: SIGTERM (preemption) and kill -9, 2 processes, across a curriculum phase change;
 losses after the resume are bitwise equal to an uninterrupted run."""
 
-import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.helpers import base_env, metrics, run, train_command, write_config
+from tests.helpers import alive, descendants, kill_tree, metrics, run, start_training, train_command, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -52,9 +50,7 @@ def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engin
 
     cfg = config_for(tmp_path, dataset_path, "run", engine, interval=0)
     cmd = train_command(2, cfg)
-    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP="0.5")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_training(cmd, step_sleep=0.5)
     wait_for_step(tmp_path / "run", 3, proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it; its own exit code is not the signal of success
     proc.wait(timeout=60)
@@ -75,12 +71,14 @@ def test_kill_9_of_every_process_then_resume_bitwise(tmp_path, dataset_path, eng
 
     cfg = config_for(tmp_path, dataset_path, "run", engine, interval=3)
     cmd = train_command(2, cfg)
-    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP="0.3")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_training(cmd, step_sleep=0.3)
     wait_for_step(tmp_path / "run", 5, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers, no chance to save
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2
+    kill_tree(proc.pid)  # the agent and both workers, no chance to save
     proc.wait(timeout=30)
+    time.sleep(1)
+    assert not [p for p in workers if alive(p)], "a worker survived the kill"
     run(cmd)
     resumed = metrics(tmp_path / "run")
     assert_bitwise_after(resumed, reference, 3)
