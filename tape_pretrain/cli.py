@@ -78,7 +78,10 @@ def cmd_study(args) -> None:
 
 
 def cmd_doctor(args) -> None:
-    _not_yet("tape-pretrain doctor")
+    from tape_pretrain.config import load_config
+    from tape_pretrain.distributed.preflight import doctor
+
+    doctor(load_config(args.config, args.overrides) if args.config else None)
 
 
 def cmd_inspect_model(args) -> None:
@@ -111,6 +114,8 @@ def cmd_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tape-pretrain", description=__doc__)
+    # the deepspeed launcher passes --local_rank=N before the command; the environment's LOCAL_RANK is what we use
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a model")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="perplexity at several lengths and passkey retrieval")

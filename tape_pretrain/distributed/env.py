@@ -53,7 +53,7 @@ def check_launcher_environment(environ=os.environ) -> None:
         rank, world, local = (int(environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if not 0 <= rank < world:
             raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", world)))
         if not 0 <= local < local_world:
             raise ConfigError(f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={local_world}")
 
@@ -81,7 +81,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))  # LOCAL_SIZE: deepspeed
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)

@@ -333,6 +333,11 @@ def train(config: RunConfig) -> dict:
     configure_determinism(config)
     env = init_distributed(config.parallel.timeout_s)
     try:
+        from tape_pretrain.distributed.preflight import preflight
+
+        report = preflight(config, env)
+        if report:
+            print(report, flush=True)
         trainer = Trainer(config, env)
         return trainer.run()
     finally:
