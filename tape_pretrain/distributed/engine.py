@@ -67,7 +67,8 @@ class Engine:
         """Write the engine state (model + optimizer, sharded as the engine likes) into a local directory."""
         raise NotImplementedError
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, saved_world_size: int) -> None:
+        """Restore the state written by save(); saved_world_size may differ from the current one."""
         raise NotImplementedError
 
     def wait_for_save(self) -> None:

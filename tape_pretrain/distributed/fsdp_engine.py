@@ -75,7 +75,15 @@ class FSDP2Engine(Engine):
             self._pending_save.result()
             self._pending_save = None
 
-    def load(self, directory):
+    def load(self, directory, saved_world_size):
+        # DCP reshards on load: any saved world size works
         state = self._state()
         dcp.load(state, checkpoint_id=directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def consolidate_checkpoint(engine_dir: str, model) -> dict[str, torch.Tensor]:
+    """Full weights from a DCP checkpoint into ``model``'s layout, offline (one process, any saved world size)."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=engine_dir, no_dist=True)
+    return state["model"]

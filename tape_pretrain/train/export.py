@@ -66,13 +66,45 @@ def load_export_weights(model: Transformer, directory: str) -> None:
 
 
 def export_checkpoint(checkpoint: str, out: str) -> None:
-    """Export the consolidated weights a training run saved next to its checkpoint."""
-    path = Path(checkpoint)
-    source = path / "export" if (path / "export" / WEIGHTS).exists() else path
-    if not (source / WEIGHTS).exists():
-        raise CheckpointError(f"{checkpoint}: has no consolidated weights (runs write them at the end, in "
-                              "RUN_DIR/export; sharded mid-run checkpoints are not consolidated offline yet)")
-    import shutil
+    """Export a checkpoint directory (or a run directory: its newest complete checkpoint), whatever its engine
+    and world size, to a consolidated export. Files are verified against files.json before anything loads."""
+    from tape_pretrain.train.checkpoint import COMPLETE, verify_checkpoint
 
-    shutil.copytree(source, out, dirs_exist_ok=True)
-    print(f"exported {source} to {out}")
+    path = Path(checkpoint)
+    if not (path / COMPLETE).exists() and (path / "checkpoints").is_dir():
+        candidates = sorted(p for p in (path / "checkpoints").iterdir() if (p / COMPLETE).exists())
+        if not candidates:
+            raise CheckpointError(f"{checkpoint}: no complete checkpoint")
+        path = candidates[-1]
+    state = verify_checkpoint(path)
+    raw = dict(state["model"])
+    raw["positional"] = PositionalConfig(**raw["positional"])
+    model_config = from_dict(ModelConfig, raw)
+    model = build_model(model_config)
+    engine_dir = str(path / "engine")
+    if state["engine"] == "deepspeed":
+        from tape_pretrain.distributed.deepspeed_engine import consolidate_checkpoint
+        weights = consolidate_checkpoint(engine_dir)
+    else:
+        from tape_pretrain.distributed.fsdp_engine import consolidate_checkpoint
+        weights = consolidate_checkpoint(engine_dir, model)
+    missing = set(model.state_dict()) - set(weights)
+    if missing:  # frozen parameters (TAPE last-layer update weights) may be absent; their output is never read
+        model_state = model.state_dict()
+        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+        if missing - frozen:
+            raise CheckpointError(f"{path}: consolidated weights lack {sorted(missing - frozen)[:3]}")
+        weights = {**{k: model_state[k] for k in missing}, **weights}
+    tokenizer = None
+    data_path = state.get("config", {}).get("data", {}).get("path")
+    if data_path:
+        try:
+            from tape_pretrain.data.manifest import TOKENIZER
+            from tape_pretrain.data.storage import join, open_url, read_bytes
+
+            fs, root = open_url(data_path)
+            tokenizer = read_bytes(fs, join(root, TOKENIZER))
+        except (OSError, ValueError, RuntimeError):
+            print(f"warning: tokenizer of {data_path} not reachable; export has no tokenizer.model")
+    save_export(weights, model_config, Path(out), tokenizer)
+    print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out}")

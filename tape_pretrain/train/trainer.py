@@ -158,7 +158,7 @@ class Trainer:
             return None
         directory, state = found
         self._check_compatible(state)
-        self.engine.load(str(directory / "engine"))
+        self.engine.load(str(directory / "engine"), int(state["world_size"]))
         self.loader.load_state_dict(state["loader"], allow_fingerprint_change="data" in c.allow_changes)
         self.checkpoints.load_rng(directory)
         self.step = int(state["step"])

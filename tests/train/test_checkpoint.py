@@ -1,0 +1,118 @@
+"""Checkpoint files: offline export of every engine's checkpoint equals the live consolidation; a damaged
+newest checkpoint falls back to the previous one; hostile and foreign files are refused before loading."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tape_pretrain.errors import CheckpointError
+from tape_pretrain.train.checkpoint import verify_checkpoint
+from tape_pretrain.train.export import load_export_model
+from tests.helpers import base_env, metrics, run, train_command, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.mark.parametrize("engine, stage", [("fsdp2", 0), ("deepspeed", 2), ("deepspeed", 3)])
+def test_offline_export_equals_the_live_export(tmp_path, dataset_path, engine, stage):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "parallel.engine": engine, "parallel.zero_stage": stage, "trainer.max_steps": 3})
+    run(train_command(2, cfg))
+    run([sys.executable, "-m", "tape_pretrain.cli", "export", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    live = load_export_model(str(tmp_path / "run" / "export"))
+    offline = load_export_model(str(tmp_path / "x"))
+    for (name, a), b in zip(live.state_dict().items(), offline.state_dict().values()):
+        assert torch.equal(a, b), name  # the TAPE export reloads bit-identically
+    trained = live.layers[0].positional.pe.up_proj.weight
+    assert trained.abs().sum() > 0  # really trained weights, not the zero init
+    ids = torch.randint(0, 512, (1, 20))
+    assert torch.equal(live(ids), offline(ids))
+    assert (tmp_path / "x" / "tokenizer.model").read_bytes() == (tmp_path / "run/export/tokenizer.model").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dataset_path):
+    root = tmp_path_factory.mktemp("ckref")
+    cfg = write_config(root / "c.yaml", dataset_path, root / "run", **{"trainer.max_steps": 8,
+                                                                       "checkpoint.interval": 2})
+    run(train_command(0, cfg))
+    return metrics(root / "run")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "files_json"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, dataset_path, reference, damage):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 8,
+                                                                               "checkpoint.interval": 2})
+    run(train_command(0, cfg, "trainer.stop_at_step=6"))
+    newest = tmp_path / "run" / "checkpoints" / "step_00000006"
+    victim = max((p for p in (newest / "engine").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-1])
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        victim.write_bytes(bytes(data))
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        (newest / "files.json").write_text("")
+    out = run(train_command(0, cfg))
+    assert "warning: skipping checkpoint step_00000006" in out.stdout
+    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    resumed = metrics(tmp_path / "run")
+    assert [resumed[s]["loss_hex"] for s in range(5, 9)] == [reference[s]["loss_hex"] for s in range(5, 9)]
+
+
+def test_pickle_payload_never_runs(tmp_path, dataset_path):
+    """A checkpoint whose engine file was replaced by a pickle payload is refused by its checksum."""
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 2,
+                                                                               "checkpoint.interval": 1})
+    run(train_command(0, cfg))
+    canary = tmp_path / "canary"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    for step in (1, 2):
+        target = next((tmp_path / "run/checkpoints" / f"step_{step:08d}" / "engine").rglob("*model_states.pt"))
+        torch.save({"module": Payload()}, target)
+    out = run(train_command(0, cfg, "trainer.max_steps=3"), check=False)
+    assert "warning: skipping checkpoint step_00000002" in out.stdout
+    assert "warning: skipping checkpoint step_00000001" in out.stdout
+    assert "model_states.pt: size" in out.stdout  # refused on its recorded size, before unpickling
+    assert "resumed from" not in out.stdout
+    assert not canary.exists()
+
+
+def test_group_writable_checkpoint_is_refused(tmp_path, dataset_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 1})
+    run(train_command(0, cfg))
+    directory = tmp_path / "run/checkpoints/step_00000001"
+    verify_checkpoint(directory)
+    directory.chmod(0o777)
+    with pytest.raises(CheckpointError, match="writable by other users"):
+        verify_checkpoint(directory)
+
+
+def test_unrecorded_file_is_refused(tmp_path, dataset_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 1})
+    run(train_command(0, cfg))
+    directory = tmp_path / "run/checkpoints/step_00000001"
+    shutil.copy(directory / "trainer_state.json", directory / "engine" / "extra.pt")
+    with pytest.raises(CheckpointError, match="unrecorded file"):
+        verify_checkpoint(directory)
+    table = json.loads((directory / "files.json").read_text())
+    assert all(not name.startswith("/") for name in table)
+
+
+def test_resume_false_refuses_to_overwrite(tmp_path, dataset_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 1})
+    run(train_command(0, cfg))
+    out = subprocess.run(train_command(0, cfg, "checkpoint.resume=false"), env=base_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "already has checkpoints and checkpoint.resume=false" in out.stderr

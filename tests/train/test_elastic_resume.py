@@ -1,0 +1,43 @@
+"""Resume on a different number of processes with the same global batch: the same windows in the same
+order, losses within 1e-5 of an uninterrupted run (bitwise is not promised across shardings)."""
+
+import pytest
+
+from tests.helpers import metrics, run, train_command, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ENGINES = {"fsdp2": ("fsdp2", 0), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
+
+
+def config(tmp_path, dataset, name, engine):
+    engine_name, stage = ENGINES[engine]
+    return write_config(tmp_path / f"{name}.yaml", dataset, tmp_path / name, **{
+        "parallel.engine": engine_name, "parallel.zero_stage": stage, "trainer.max_steps": 8})
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path, dataset_path, engine, before, after):
+    reference_cfg = config(tmp_path, dataset_path, "reference", engine)
+    run(train_command(before, reference_cfg))
+    reference = metrics(tmp_path / "reference")
+
+    cfg = config(tmp_path, dataset_path, "run", engine)
+    run(train_command(before, cfg, "trainer.stop_at_step=4"))
+    out = run(train_command(after, cfg))
+    assert f"saved by {before} rank(s)" in out.stdout
+    resumed = metrics(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step]["windows_hash"] == reference[step]["windows_hash"]
+        assert resumed[step]["lr"] == reference[step]["lr"]
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
+
+
+def test_zero3_on_another_world_size_is_refused(tmp_path, dataset_path):
+    cfg = config(tmp_path, dataset_path, "run", "zero3")
+    run(train_command(2, cfg, "trainer.stop_at_step=2"))
+    out = run(train_command(1, cfg), check=False)
+    assert out.returncode != 0
+    assert "ZeRO-3 checkpoint saved on 2 rank(s) cannot resume on 1" in out.stderr
