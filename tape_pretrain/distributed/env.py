@@ -104,6 +104,15 @@ def all_agree_any(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's object, in rank order (host-side, over the control group)."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj, group=env.control_group)
+    return out
+
+
 def barrier(env: DistEnv) -> None:
     if env.world_size > 1:
         dist.barrier(group=env.control_group)

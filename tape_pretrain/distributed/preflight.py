@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tape_pretrain.config import RunConfig
-from tape_pretrain.distributed.env import DistEnv
+from tape_pretrain.distributed.env import DistEnv, all_gather_objects
 from tape_pretrain.errors import DataError, StorageError
 
 
@@ -24,7 +24,18 @@ def _free_gib(path: str) -> float:
 
 
 def _check_run_dir(run_dir: str) -> str:
-    path = Path(run_dir)
+    if "://" in run_dir and not run_dir.startswith("file://"):
+        from tape_pretrain.data.storage import join, open_url
+
+        try:
+            fs, root = open_url(run_dir)
+            probe = join(root, f".preflight.{socket.gethostname()}.{os.getpid()}")
+            fs.pipe_file(probe, b"ok")
+            fs.rm(probe)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"run_dir {run_dir}: not writable ({exc})") from None
+        return "writable (remote, staged locally)"
+    path = Path(run_dir.removeprefix("file://"))
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".preflight.{os.getpid()}"
@@ -55,7 +66,8 @@ def preflight(config: RunConfig | None, env: DistEnv) -> str:
         except StorageError as exc:
             problems.append(str(exc))
         lines["free_gib_cache"] = round(_free_gib(config.data.cache_dir), 1)
-        lines["free_gib_run_dir"] = round(_free_gib(config.run_dir), 1)
+        if "://" not in config.run_dir:
+            lines["free_gib_run_dir"] = round(_free_gib(config.run_dir), 1)
     tensor = torch.ones(1, device=env.device)
     start = time.perf_counter()
     if env.world_size > 1:
@@ -66,11 +78,7 @@ def preflight(config: RunConfig | None, env: DistEnv) -> str:
     if int(tensor.item()) != env.world_size:
         problems.append(f"all-reduce returned {tensor.item()} instead of {env.world_size}")
     lines["problems"] = problems
-    gathered = [None] * env.world_size
-    if env.world_size > 1:
-        dist.all_gather_object(gathered, lines, group=env.control_group)
-    else:
-        gathered = [lines]
+    gathered = all_gather_objects(lines, env)
     if not env.is_main:
         return ""
     header = (f"preflight: world_size={env.world_size} ranks_per_node={env.local_world_size} "

@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tape_pretrain.distributed.env import DistEnv, barrier
+from tape_pretrain.distributed.env import DistEnv, all_gather_objects, barrier
 from tape_pretrain.errors import CheckpointError
+from tape_pretrain.train.run_dir import RunDirectory
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -83,26 +83,30 @@ def _file_table_names(directory: Path) -> list[str]:
             if p.is_file() and p.name not in (COMPLETE, FILES)]
 
 
-@dataclass
 class CheckpointManager:
-    run_dir: Path
-    env: DistEnv
-    keep_last: int = 3
-    keep_every: int = 0
+    """Writes, finds, verifies and prunes checkpoints under RUN_DIR/checkpoints (local or remote)."""
+
+    def __init__(self, run_dir: RunDirectory, env: DistEnv, keep_last: int = 3, keep_every: int = 0):
+        self.run_dir, self.env, self.keep_last, self.keep_every = run_dir, env, keep_last, keep_every
 
     @property
     def root(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir.local / "checkpoints"
 
     def steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+        """Steps with a checkpoint directory (complete or not), from the remote listing for remote runs."""
+        if self.run_dir.is_remote:
+            names = self.run_dir.list_remote("checkpoints")
+        else:
+            names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+        return sorted(int(m.group(1)) for name in names if (m := STEP_DIR.match(name)))
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
-        """Collective: every rank calls it. COMPLETE appears only after every rank's files are written."""
-        directory = self.root / step_dir_name(step)
-        if self.env.is_main:
+    def save(self, step: int, engine, trainer_state: dict, extra_uploads: list[str] = ()) -> Path:
+        """Collective: every rank calls it. COMPLETE appears only after every rank's files are written
+        (and uploaded, for a remote run directory)."""
+        name = step_dir_name(step)
+        directory = self.root / name
+        if self.env.local_rank == 0:
             if directory.exists():  # a leftover of an interrupted save of the same step
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
@@ -114,16 +118,34 @@ class CheckpointManager:
             rng["cuda"] = torch.cuda.get_rng_state()
         (directory / "rng").mkdir(exist_ok=True)
         torch.save(rng, directory / "rng" / f"rank_{self.env.rank:05d}.pt")
-        barrier(self.env)
         if self.env.is_main:
             (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-            (directory / FILES).write_text(json.dumps(_file_table(directory), indent=1, sort_keys=True))
+        barrier(self.env)
+        # Each node hashes (and uploads) the files it holds; rank 0 merges the tables into files.json.
+        table = _file_table(directory) if self.env.local_rank == 0 else {}
+        if self.env.local_rank == 0:
+            self.run_dir.upload([f"checkpoints/{name}/{rel}" for rel in table])
+        tables = all_gather_objects(table, self.env)
+        if self.env.is_main:
+            merged = {k: v for t in tables for k, v in t.items()}
+            (directory / FILES).write_text(json.dumps(merged, indent=1, sort_keys=True))
             _fsync_dir(directory)
+            self.run_dir.upload([f"checkpoints/{name}/{FILES}", *extra_uploads])
             _hook_before_complete()
             (directory / COMPLETE).write_text(f"{step}\n")
             _fsync_dir(directory)
+            self.run_dir.upload([f"checkpoints/{name}/{COMPLETE}"])
             self.apply_retention(protect=step)
         barrier(self.env)
+        return directory
+
+    def _localise(self, step: int) -> Path:
+        """Make a remote checkpoint available in the staging directory (node leaders download)."""
+        directory = self.root / step_dir_name(step)
+        if self.run_dir.is_remote:
+            if self.env.local_rank == 0:
+                self.run_dir.download_tree(f"checkpoints/{step_dir_name(step)}")
+            barrier(self.env)
         return directory
 
     def latest_valid(self, explicit: str | None = None) -> tuple[Path, dict] | None:
@@ -132,7 +154,7 @@ class CheckpointManager:
             directory = Path(explicit)
             return directory, verify_checkpoint(directory)
         for step in reversed(self.steps()):
-            directory = self.root / step_dir_name(step)
+            directory = self._localise(step)
             try:
                 return directory, verify_checkpoint(directory)
             except CheckpointError as exc:
@@ -151,8 +173,11 @@ class CheckpointManager:
                 continue
             directory = self.root / step_dir_name(step)
             try:
+                self.run_dir.remove_remote(f"checkpoints/{step_dir_name(step)}/{COMPLETE}")
+                self.run_dir.remove_remote(f"checkpoints/{step_dir_name(step)}")
                 (directory / COMPLETE).unlink(missing_ok=True)  # no longer a candidate, even if rmtree fails
-                shutil.rmtree(directory)
+                if directory.exists():
+                    shutil.rmtree(directory)
             except OSError as exc:
                 print(f"warning: could not delete old checkpoint {directory}: {exc}")
 

@@ -26,6 +26,7 @@ from tape_pretrain.models import build_model
 from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
+from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.train.schedule import Curriculum, learning_rate
 from tape_pretrain.utils.redact import redact
 
@@ -63,7 +64,8 @@ class Trainer:
     def __init__(self, config: RunConfig, env: DistEnv):
         self.config, self.env = config, env
         t = config.trainer
-        self.run_dir = Path(config.run_dir)
+        self.run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
+        self.run_dir = self.run_directory.local  # a remote run directory is staged here and uploaded at checkpoints
         if config.data.path is None:
             raise ConfigError("data.path is not set: point it at a dataset written by `tape-pretrain prep`")
         manifest, self.fingerprint = load_manifest(config.data.path, config.data.storage_options)
@@ -100,12 +102,15 @@ class Trainer:
         self.engine = build_engine(model, config, env, self.grad_accum)
         torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
 
-        self.checkpoints = CheckpointManager(self.run_dir, env, config.checkpoint.keep_last,
+        self.checkpoints = CheckpointManager(self.run_directory, env, config.checkpoint.keep_last,
                                              config.checkpoint.keep_every)
         self.step = 0
         wandb_id = self._resume()
         self.metrics = None
         if env.is_main:
+            remote = self.run_directory
+            if remote.is_remote and self.step and "metrics.jsonl" in remote.list_remote(""):
+                remote.fs.get_file(remote.remote_path("metrics.jsonl"), str(self.run_dir / "metrics.jsonl"))
             self.metrics = MetricsWriter(self.run_dir, config.logging, to_dict(config),
                                          self.step if self.step else None, self.run_dir.name, wandb_id)
             (self.run_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))
@@ -251,7 +256,8 @@ class Trainer:
                     last["val_loss"] = val
             interval = self.config.checkpoint.interval
             if (interval and self.step % interval == 0) or final:
-                self.checkpoints.save(self.step, self.engine, self.trainer_state())
+                self.checkpoints.save(self.step, self.engine, self.trainer_state(),
+                                      extra_uploads=["metrics.jsonl", "config.json"])
             if stop:
                 break
         if progress is not None:
@@ -300,6 +306,7 @@ class Trainer:
         if self.env.is_main:
             fs, root = open_url(self.config.data.path, self.config.data.storage_options)
             save_export(state, self.model_config, self.run_dir / "export", read_bytes(fs, join(root, TOKENIZER)))
+            self.run_directory.upload([f"export/{p.name}" for p in sorted((self.run_dir / "export").iterdir())])
         barrier(self.env)
 
     @torch.no_grad()

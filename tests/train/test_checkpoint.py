@@ -116,3 +116,25 @@ def test_resume_false_refuses_to_overwrite(tmp_path, dataset_path):
     out = subprocess.run(train_command(0, cfg, "checkpoint.resume=false"), env=base_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "already has checkpoints and checkpoint.resume=false" in out.stderr
+
+
+def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, reference, s3_env):
+    """run_dir on an S3-compatible server: the staging copy is deleted, so the resume must come from S3."""
+    import s3fs
+
+    url = f"s3://{s3_env}/runs/r1"
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, url, **{
+        "trainer.max_steps": 8, "checkpoint.interval": 2,
+        "checkpoint.staging_dir": str(tmp_path / "staging")})
+    run(train_command(0, cfg, "trainer.stop_at_step=4"))
+    shutil.rmtree(tmp_path / "staging")
+    out = run(train_command(0, cfg))
+    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    fs = s3fs.S3FileSystem()
+    remote = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_env}/runs/r1/checkpoints")}
+    assert {"step_00000006", "step_00000008"} <= remote
+    assert fs.exists(f"{s3_env}/runs/r1/checkpoints/step_00000008/COMPLETE")
+    assert fs.exists(f"{s3_env}/runs/r1/export/model.safetensors")
+    lines = [json.loads(x) for x in fs.cat_file(f"{s3_env}/runs/r1/metrics.jsonl").decode().splitlines()]
+    resumed = {r["step"]: r for r in lines if "loss" in r}
+    assert [resumed[s]["loss_hex"] for s in range(1, 9)] == [reference[s]["loss_hex"] for s in range(1, 9)]

@@ -1,0 +1,72 @@
+"""Where a run lives: a local path, or an fsspec URL (s3://, gs://) mirrored by a local staging directory.
+
+Engines write their checkpoint files locally (DeepSpeed cannot write to object storage, and DCP through
+fsspec would lose the local verification); the files are then uploaded, COMPLETE last, so an object
+store never shows a checkpoint as complete before all of its bytes are there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from tape_pretrain.data.storage import exists, join, open_url
+from tape_pretrain.errors import StorageError
+from tape_pretrain.utils.redact import redact_text
+
+
+class RunDirectory:
+    def __init__(self, url: str, storage_options: dict | None = None,
+                 staging_root: str = "~/.cache/tape_pretrain/runs"):
+        self.url = url
+        self.is_remote = "://" in url and not url.startswith("file://")
+        if self.is_remote:
+            self.fs, self.root = open_url(url, storage_options)
+            digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+            self.local = Path(os.path.expanduser(staging_root)) / digest
+        else:
+            self.fs, self.root = None, None
+            self.local = Path(url.removeprefix("file://"))
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def remote_path(self, rel: str) -> str:
+        return join(self.root, rel)
+
+    def upload(self, rel_paths: list[str]) -> None:
+        """Copy local files (relative to the run directory) to the remote run directory, in order."""
+        if not self.is_remote:
+            return
+        for rel in rel_paths:
+            try:
+                self.fs.put_file(str(self.local / rel), self.remote_path(rel))
+            except OSError as exc:
+                raise StorageError(f"upload of {redact_text(self.url)}/{rel} failed: {exc}") from None
+
+    def list_remote(self, rel: str) -> list[str]:
+        """Names directly under a remote folder (fresh listing: caches can hide a just-written checkpoint)."""
+        path = self.remote_path(rel)
+        self.fs.invalidate_cache(path)
+        if not exists(self.fs, path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def download_tree(self, rel: str) -> None:
+        """Mirror a remote folder into the staging directory (files already present with the same size are kept)."""
+        base = self.remote_path(rel)
+        self.fs.invalidate_cache(base)
+        for path, info in self.fs.find(base, detail=True).items():
+            sub = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/")) else path.rsplit("/", 1)[-1]
+            target = self.local / rel / sub
+            if target.exists() and target.stat().st_size == info.get("size"):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".part{os.getpid()}")
+            self.fs.get_file(path, str(tmp))
+            tmp.replace(target)
+
+    def remove_remote(self, rel: str) -> None:
+        if self.is_remote:
+            path = self.remote_path(rel)
+            if exists(self.fs, path):
+                self.fs.rm(path, recursive=True)
