@@ -108,8 +108,10 @@ def cmd_bench(args) -> None:
         from tape_pretrain.bench import train
 
         train.run()
-    if what == "checkpoint":
-        _not_yet("bench checkpoint")
+    if what in ("checkpoint", "all"):
+        from tape_pretrain.bench import checkpoint
+
+        checkpoint.run(preset=args.preset)
 
 
 def build_parser() -> argparse.ArgumentParser:

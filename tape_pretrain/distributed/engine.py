@@ -74,6 +74,10 @@ class Engine:
     def wait_for_save(self) -> None:
         """Block until a background save, if any, is durable."""
 
+    def save_done(self) -> bool:
+        """True when no background save is still writing (non-blocking)."""
+        return True
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded fp32 weights in our naming (collective; meaningful on rank 0)."""
         raise NotImplementedError

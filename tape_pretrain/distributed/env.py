@@ -104,6 +104,11 @@ def all_agree_any(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def all_agree_all(flag: bool, env: DistEnv) -> bool:
+    """True on every rank only if every rank's flag is set (host-side, no GPU sync)."""
+    return not all_agree_any(not flag, env)
+
+
 def all_gather_objects(obj, env: DistEnv) -> list:
     """Every rank's object, in rank order (host-side, over the control group)."""
     if env.world_size == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +34,11 @@ class FSDP2Engine(Engine):
         self.optimizer = torch.optim.AdamW(
             param_groups(model, config.optim.weight_decay, config.optim.decay_embeddings),
             lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
-        self._pending_save = None
+        self._pending_save = self._staging = self._stager = None
+        # A background save runs its own collectives (plan, metadata) while training runs FSDP's: they need a
+        # group of their own, or the two interleave on one gloo/NCCL group and deadlock.
+        self._checkpoint_group = (torch.distributed.new_group(backend="gloo")
+                                  if config.checkpoint.async_save else None)
 
     def train_micro_step(self, inputs, labels, is_boundary):
         self.module.set_requires_gradient_sync(is_boundary)  # reduce-scatter once per optimizer step
@@ -42,6 +47,7 @@ class FSDP2Engine(Engine):
         return loss.detach()
 
     def optimizer_step(self, lr):
+        self._wait_for_staging()  # an async save may still be copying the parameters this step will change
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -66,14 +72,33 @@ class FSDP2Engine(Engine):
     def save(self, directory):
         self.wait_for_save()
         if self.config.checkpoint.async_save:
-            self._pending_save = dcp.async_save(self._state(), checkpoint_id=directory)
+            # Staging (the copy of every shard) runs in the background too; forward and backward of the next
+            # step overlap with it and only the next optimizer step waits for it (parameters must not change
+            # under the copy). The write to disk overlaps with training entirely.
+            on_gpu = self.env.device.type == "cuda"
+            stager = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
+                                                  use_async_staging=True, use_non_blocking_copy=on_gpu))
+            response = dcp.async_save(self._state(), checkpoint_id=directory, async_stager=stager,
+                                      process_group=self._checkpoint_group)
+            self._staging, self._pending_save = response.staging_completion, response.upload_completion
+            self._stager = stager
         else:
             dcp.save(self._state(), checkpoint_id=directory)
 
+    def _wait_for_staging(self):
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def save_done(self):
+        return self._pending_save is None or self._pending_save.done()
+
     def wait_for_save(self):
+        self._wait_for_staging()
         if self._pending_save is not None:
             self._pending_save.result()
             self._pending_save = None
+            self._stager.close()
 
     def load(self, directory, saved_world_size):
         # DCP reshards on load: any saved world size works

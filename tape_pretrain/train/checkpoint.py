@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tape_pretrain.distributed.env import DistEnv, all_gather_objects, barrier
+from tape_pretrain.distributed.env import DistEnv, all_agree_all, all_gather_objects, barrier
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.train.run_dir import RunDirectory
 
@@ -88,6 +88,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: RunDirectory, env: DistEnv, keep_last: int = 3, keep_every: int = 0):
         self.run_dir, self.env, self.keep_last, self.keep_every = run_dir, env, keep_last, keep_every
+        self._pending: tuple | None = None  # (step, engine, extra_uploads) of a save still being written
 
     @property
     def root(self) -> Path:
@@ -101,9 +102,12 @@ class CheckpointManager:
             names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         return sorted(int(m.group(1)) for name in names if (m := STEP_DIR.match(name)))
 
-    def save(self, step: int, engine, trainer_state: dict, extra_uploads: list[str] = ()) -> Path:
+    def save(self, step: int, engine, trainer_state: dict, extra_uploads: list[str] = (),
+             blocking: bool = True) -> Path:
         """Collective: every rank calls it. COMPLETE appears only after every rank's files are written
-        (and uploaded, for a remote run directory)."""
+        (and uploaded, for a remote run directory). With blocking=False and an engine that writes in the
+        background, the commit happens later, in maybe_commit() or finish()."""
+        self.finish()
         name = step_dir_name(step)
         directory = self.root / name
         if self.env.local_rank == 0:
@@ -112,7 +116,6 @@ class CheckpointManager:
             directory.mkdir(parents=True)
         barrier(self.env)
         engine.save(str(directory / "engine"))
-        engine.wait_for_save()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -120,6 +123,25 @@ class CheckpointManager:
         torch.save(rng, directory / "rng" / f"rank_{self.env.rank:05d}.pt")
         if self.env.is_main:
             (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+        self._pending = (step, engine, list(extra_uploads))
+        if blocking:
+            self.finish()
+        return directory
+
+    def maybe_commit(self) -> None:
+        """Collective, once per step while a background save is pending: commit it when every rank's write is done."""
+        if self._pending is not None and all_agree_all(self._pending[1].save_done(), self.env):
+            self.finish()
+
+    def finish(self) -> None:
+        """Collective: wait for a pending save's files, then commit it (files.json, uploads, COMPLETE last)."""
+        if self._pending is None:
+            return
+        step, engine, extra_uploads = self._pending
+        self._pending = None
+        engine.wait_for_save()
+        name = step_dir_name(step)
+        directory = self.root / name
         barrier(self.env)
         # Each node hashes (and uploads) the files it holds; rank 0 merges the tables into files.json.
         table = _file_table(directory) if self.env.local_rank == 0 else {}
@@ -137,7 +159,6 @@ class CheckpointManager:
             self.run_dir.upload([f"checkpoints/{name}/{COMPLETE}"])
             self.apply_retention(protect=step)
         barrier(self.env)
-        return directory
 
     def _localise(self, step: int) -> Path:
         """Make a remote checkpoint available in the staging directory (node leaders download)."""

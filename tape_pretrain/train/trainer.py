@@ -257,7 +257,9 @@ class Trainer:
             interval = self.config.checkpoint.interval
             if (interval and self.step % interval == 0) or final:
                 self.checkpoints.save(self.step, self.engine, self.trainer_state(),
-                                      extra_uploads=["metrics.jsonl", "config.json"])
+                                      extra_uploads=["metrics.jsonl", "config.json"], blocking=final)
+            else:
+                self.checkpoints.maybe_commit()
             if stop:
                 break
         if progress is not None:

@@ -10,7 +10,7 @@ from tests.helpers import alive, descendants, kill_tree, metrics, run, start_tra
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-ENGINES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2": ("fsdp2", 0)}
+ENGINES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2": ("fsdp2", 0), "fsdp2_async": ("fsdp2", 0)}
 CURRICULUM = {"phases": [{"seq_len": 32, "until_tokens": 4 * 2048}, {"seq_len": 64}]}
 
 
@@ -18,7 +18,8 @@ def config_for(tmp_path, dataset, name, engine, interval):
     engine_name, stage = ENGINES[engine]
     return write_config(tmp_path / f"{name}.yaml", dataset, tmp_path / name, **{
         "parallel.engine": engine_name, "parallel.zero_stage": stage, "trainer.max_steps": 10,
-        "curriculum": CURRICULUM, "checkpoint.interval": interval})
+        "curriculum": CURRICULUM, "checkpoint.interval": interval,
+        "checkpoint.async_save": engine.endswith("_async")})
 
 
 def wait_for_step(run_dir, step, proc, timeout=120):
@@ -41,7 +42,7 @@ def assert_bitwise_after(resumed, reference, first_step):
     assert [resumed[s]["windows_hash"] for s in steps] == [reference[s]["windows_hash"] for s in steps]
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engine):
     reference_cfg = config_for(tmp_path, dataset_path, "reference", engine, interval=0)
     run(train_command(2, reference_cfg))
@@ -58,12 +59,13 @@ def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engin
     assert len(saved) == 1, "preemption must leave exactly one complete checkpoint"
     stopped_at = int(saved[0].parent.name.split("_")[1])
     assert 3 <= stopped_at < 10
-    run(cmd)  # the same command resumes
+    out = run(cmd)  # the same command resumes
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped_at:08d}'}" in out.stdout
     assert_bitwise_after(metrics(tmp_path / "run"), reference, stopped_at)
     assert max(metrics(tmp_path / "run")) == 10
 
 
-@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2", "fsdp2_async"])
 def test_kill_9_of_every_process_then_resume_bitwise(tmp_path, dataset_path, engine):
     reference_cfg = config_for(tmp_path, dataset_path, "reference", engine, interval=3)
     run(train_command(2, reference_cfg))
@@ -79,7 +81,8 @@ def test_kill_9_of_every_process_then_resume_bitwise(tmp_path, dataset_path, eng
     proc.wait(timeout=30)
     time.sleep(1)
     assert not [p for p in workers if alive(p)], "a worker survived the kill"
-    run(cmd)
+    out = run(cmd)
+    assert "resumed from" in out.stdout and "step_00000003" in out.stdout  # the last committed checkpoint
     resumed = metrics(tmp_path / "run")
     assert_bitwise_after(resumed, reference, 3)
     assert max(resumed) == 10
