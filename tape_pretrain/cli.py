@@ -67,14 +67,10 @@ def cmd_export(args) -> None:
     export_checkpoint(args.checkpoint, args.out)
 
 
-def _not_yet(what: str) -> None:
-    from tape_pretrain.config import ConfigError
-
-    raise ConfigError(f"{what} is not available in this version yet")
-
-
 def cmd_study(args) -> None:
-    _not_yet("tape-pretrain study")
+    from tape_pretrain.study.runner import run_study
+
+    run_study(args.study, args.overrides, dry_run=args.dry_run)
 
 
 def cmd_doctor(args) -> None:

@@ -15,8 +15,6 @@ from tape_pretrain.train.export import load_export_model
 def evaluate_command(args) -> dict:
     source = Path(args.checkpoint)
     export = source / "export" if (source / "export" / "config.json").exists() else source
-    if args.passkey:
-        raise ConfigError("--passkey is not available yet in this version")
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
@@ -32,6 +30,8 @@ def evaluate_command(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     (out / "eval.md").write_text("\n".join(table) + "\n")
+    if args.passkey:
+        passkey_report(model, export, args, out, lengths, device)
     if args.plot:
         import matplotlib
 
@@ -48,3 +48,36 @@ def evaluate_command(args) -> dict:
         fig.savefig(out / "perplexity.png", dpi=120)
         plt.close(fig)
     return results
+
+
+def passkey_report(model, export: Path, args, out: Path, lengths: list[int], device) -> None:
+    from tape_pretrain.data.tokenizer import Tokenizer
+    from tape_pretrain.eval.passkey import passkey_accuracy
+
+    tokenizer = Tokenizer.load(str(export / "tokenizer.model"))
+    passkey_lengths = [int(x) for x in args.passkey_lengths.split(",")] if args.passkey_lengths else lengths
+    depths = [float(x) for x in args.passkey_depths.split(",")]
+    accuracy = passkey_accuracy(model, tokenizer, passkey_lengths, depths, args.passkey_trials, args.seed, device)
+    header = "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
+    rows = [header, "|---:|" + "---:|" * len(depths)]
+    rows += [f"| {n} | " + " | ".join(f"{accuracy[(n, d)]:.2f}" for d in depths) + " |" for n in passkey_lengths]
+    print("\n".join(rows))
+    (out / "passkey.md").write_text("\n".join(rows) + "\n")
+    (out / "passkey.json").write_text(json.dumps([{"length": n, "depth": d, "accuracy": a}
+                                                  for (n, d), a in accuracy.items()], indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [[accuracy[(n, d)] for n in passkey_lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(passkey_lengths)), [str(n) for n in passkey_lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length")
+    ax.set_ylabel("key depth")
+    fig.colorbar(image, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "passkey.png", dpi=120)
+    plt.close(fig)
