@@ -103,3 +103,22 @@ def test_incomplete_launcher_environment_is_named(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_stalled_rank_fails_the_job_and_the_retry_resumes_bitwise(tmp_path, dataset_path, reference):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "trainer.max_steps": 8, "checkpoint.interval": 3, "parallel.timeout_s": 10})
+    marker = tmp_path / "stalled"
+    env = launch_env(TAPE_PRETRAIN_TEST_HANG="1:5", TAPE_PRETRAIN_TEST_HANG_MARKER=str(marker), RETRY_DELAY_S="1")
+    first = subprocess.Popen(train_command(2, cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    while not marker.exists():
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.1)
+    stalled_at = time.time()
+    first.communicate(timeout=120)
+    assert first.returncode != 0
+    assert time.time() - stalled_at <= 10 + 30, "the job must fail within the collective timeout + 30 s"
+    out = run(["bash", str(ROOT / "launch/retry.sh"), "1", *train_command(2, cfg)], env=env)
+    assert "resumed from" in out.stdout and "step_00000003" in out.stdout
+    assert losses(metrics(tmp_path / "run")) == losses(reference)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tape_pretrain.data.manifest import Manifest, ShardInfo
-from tape_pretrain.data.storage import is_local, join, open_url
+from tape_pretrain.data.storage import TransferCorrupt, is_local, join, open_url, with_retries
 from tape_pretrain.errors import DataError
 
 
@@ -99,16 +99,30 @@ def cache_split(url: str, manifest: Manifest, fingerprint: str, split: str, cach
 
 
 def _download(fs, remote: str, path: str, shard: ShardInfo, dtype: str, vocab: int, where: str) -> str | None:
+    """Fetch a shard into the cache; a short or garbled transfer is retried, a shard whose stored bytes are
+    wrong is reported (the reason), and nothing unverified is ever left under the final name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.part.{os.getpid()}"
-    try:
+
+    def fetch() -> str | None:
         fs.get_file(remote, tmp)
+        reason = _check_shard(tmp, shard, dtype, vocab, where)
+        stored = fs.info(remote)["size"]
+        if reason is not None and os.path.getsize(tmp) != stored:
+            raise TransferCorrupt(f"got {os.path.getsize(tmp)} of {stored} bytes")  # the transfer, not the shard
+        return reason
+
+    try:
+        reason = with_retries(fetch, where)
     except FileNotFoundError:
         return "missing"
-    reason = _check_shard(tmp, shard, dtype, vocab, where)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     if reason is None:
         os.replace(tmp, path)
-    else:
+    elif os.path.exists(tmp):
         os.unlink(tmp)
     return reason
 

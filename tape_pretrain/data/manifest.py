@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tape_pretrain.data.storage import exists, join, open_url, read_bytes
+from tape_pretrain.data.storage import exists, join, open_url, read_bytes, with_retries
 from tape_pretrain.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -122,7 +122,7 @@ def verify_dataset(url: str, storage_options=None) -> str:
             path = join(root, shard.path)
             if not exists(fs, path):
                 raise DataError(f"{join(url, shard.path)}: shard is missing")
-            digest, size = sha256_file(fs, path)
+            digest, size = with_retries(lambda path=path: sha256_file(fs, path), path)
             if size != shard.num_bytes:
                 raise DataError(f"{join(url, shard.path)}: size {size} bytes != manifest {shard.num_bytes}")
             if digest != shard.sha256:

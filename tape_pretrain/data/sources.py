@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tape_pretrain.data.storage import open_url
-from tape_pretrain.errors import DataError
+from tape_pretrain.data.storage import open_url, read_bytes
+from tape_pretrain.errors import DataError, StorageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
@@ -110,9 +110,8 @@ def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_opti
             yield from _parquet_documents(fs, path, text_field)
             continue
         try:
-            with fs.open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
+            raw = read_bytes(fs, path)
+        except (OSError, StorageError) as exc:
             raise DataError(f"{path}: cannot read ({exc})") from None
         stats.bytes_read += len(raw)
         if path.endswith(JSONL_SUFFIXES):

@@ -25,14 +25,13 @@ def _free_gib(path: str) -> float:
 
 def _check_run_dir(run_dir: str) -> str:
     if "://" in run_dir and not run_dir.startswith("file://"):
-        from tape_pretrain.data.storage import join, open_url
+        from tape_pretrain.data.storage import join, open_url, with_retries
 
+        fs, root = open_url(run_dir)
+        probe = join(root, f".preflight.{socket.gethostname()}.{os.getpid()}")
         try:
-            fs, root = open_url(run_dir)
-            probe = join(root, f".preflight.{socket.gethostname()}.{os.getpid()}")
-            fs.pipe_file(probe, b"ok")
-            fs.rm(probe)
-        except (OSError, ValueError) as exc:
+            with_retries(lambda: (fs.pipe_file(probe, b"ok"), fs.rm(probe)), run_dir)
+        except StorageError as exc:
             raise StorageError(f"run_dir {run_dir}: not writable ({exc})") from None
         return "writable (remote, staged locally)"
     path = Path(run_dir.removeprefix("file://"))
@@ -46,8 +45,8 @@ def _check_run_dir(run_dir: str) -> str:
     return "writable"
 
 
-def preflight(config: RunConfig | None, env: DistEnv) -> str:
-    """Collective: every rank checks, rank 0 gets the combined report (others get '')."""
+def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
+    """Collective: every rank checks; returns (report for rank 0, '' elsewhere; every rank's problems)."""
     from tape_pretrain.data.manifest import load_manifest
 
     lines = {"host": socket.gethostname(), "rank": env.rank, "local_rank": env.local_rank,
@@ -79,16 +78,16 @@ def preflight(config: RunConfig | None, env: DistEnv) -> str:
         problems.append(f"all-reduce returned {tensor.item()} instead of {env.world_size}")
     lines["problems"] = problems
     gathered = all_gather_objects(lines, env)
+    all_problems = [f"rank {r['rank']}: {p}" for r in gathered for p in r["problems"]]
     if not env.is_main:
-        return ""
+        return "", all_problems
     header = (f"preflight: world_size={env.world_size} ranks_per_node={env.local_world_size} "
               f"backend={env.backend} device={env.device.type}")
     body = [header] + [f"  rank {r['rank']} on {r['host']} ({r['device']}): " + ", ".join(
         f"{k}={v}" for k, v in r.items() if k not in ("rank", "host", "device", "problems", "local_rank"))
         for r in gathered]
-    all_problems = [f"rank {r['rank']}: {p}" for r in gathered for p in r["problems"]]
     body += [f"  PROBLEM {p}" for p in all_problems] or ["  ok"]
-    return "\n".join(body)
+    return "\n".join(body), all_problems
 
 
 def doctor(config: RunConfig | None) -> None:
@@ -96,10 +95,10 @@ def doctor(config: RunConfig | None) -> None:
 
     env = init_distributed(config.parallel.timeout_s if config else 60.0)
     try:
-        report = preflight(config, env)
+        report, problems = preflight(config, env)
         if report:
             print(report)
-        if "PROBLEM" in report:
-            raise StorageError("preflight found problems (see above)")
+        if problems:
+            raise StorageError(f"preflight: {problems[0]}")
     finally:
         shutdown()

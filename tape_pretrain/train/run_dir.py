@@ -11,8 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tape_pretrain.data.storage import exists, join, open_url
-from tape_pretrain.errors import StorageError
+from tape_pretrain.data.storage import TransferCorrupt, exists, join, open_url, with_retries
 from tape_pretrain.utils.redact import redact_text
 
 
@@ -38,10 +37,15 @@ class RunDirectory:
         if not self.is_remote:
             return
         for rel in rel_paths:
-            try:
-                self.fs.put_file(str(self.local / rel), self.remote_path(rel))
-            except OSError as exc:
-                raise StorageError(f"upload of {redact_text(self.url)}/{rel} failed: {exc}") from None
+            local, remote = self.local / rel, self.remote_path(rel)
+
+            def put(local=local, remote=remote):
+                self.fs.put_file(str(local), remote)
+                self.fs.invalidate_cache(remote)
+                stored = self.fs.info(remote)["size"]
+                if stored != local.stat().st_size:
+                    raise TransferCorrupt(f"uploaded {local.stat().st_size} bytes, the store holds {stored}")
+            with_retries(put, f"{redact_text(self.url)}/{rel}")
 
     def list_remote(self, rel: str) -> list[str]:
         """Names directly under a remote folder (fresh listing: caches can hide a just-written checkpoint)."""
@@ -49,20 +53,29 @@ class RunDirectory:
         self.fs.invalidate_cache(path)
         if not exists(self.fs, path):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        names = with_retries(lambda: self.fs.ls(path, detail=False), path)
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
 
     def download_tree(self, rel: str) -> None:
         """Mirror a remote folder into the staging directory (files already present with the same size are kept)."""
         base = self.remote_path(rel)
         self.fs.invalidate_cache(base)
-        for path, info in self.fs.find(base, detail=True).items():
+        listing = with_retries(lambda: self.fs.find(base, detail=True), f"{redact_text(self.url)}/{rel}")
+        for path, info in listing.items():
             sub = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/")) else path.rsplit("/", 1)[-1]
             target = self.local / rel / sub
             if target.exists() and target.stat().st_size == info.get("size"):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".part{os.getpid()}")
-            self.fs.get_file(path, str(tmp))
+
+            size = info.get("size")
+
+            def get(path=path, tmp=tmp, size=size):
+                self.fs.get_file(path, str(tmp))
+                if size is not None and tmp.stat().st_size != size:
+                    raise TransferCorrupt(f"downloaded {tmp.stat().st_size} of {size} bytes")
+            with_retries(get, path)
             tmp.replace(target)
 
     def remove_remote(self, rel: str) -> None:

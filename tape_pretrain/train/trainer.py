@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
 from tape_pretrain.data.manifest import load_manifest
 from tape_pretrain.distributed.engine import build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
-from tape_pretrain.errors import CheckpointError, DataError
+from tape_pretrain.errors import CheckpointError, DataError, StorageError
 from tape_pretrain.models import build_model
 from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
@@ -199,11 +200,27 @@ class Trainer:
             if self.stop_requested:
                 os._exit(128 + signum)  # a second signal: exit at once
             self.stop_requested = True
+            # A rank stuck in a hung collective or a stalled step never reaches the save: past the collective
+            # timeout it is hung by definition, so end it rather than wait for the launcher's SIGKILL.
+            watchdog = threading.Timer(self.config.parallel.timeout_s, os._exit, args=(128 + signum,))
+            watchdog.daemon = True
+            watchdog.start()
             if self.env.is_main:
                 print(f"received {signal.Signals(signum).name}: finishing the step, saving, exiting", flush=True)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
+
+    def _test_hang(self) -> None:
+        """Fault-injection hook for tests: TAPE_PRETRAIN_TEST_HANG=rank:step stalls that rank once (a marker
+        file TAPE_PRETRAIN_TEST_HANG_MARKER records that the stall happened)."""
+        spec, marker = os.environ.get("TAPE_PRETRAIN_TEST_HANG"), os.environ.get("TAPE_PRETRAIN_TEST_HANG_MARKER")
+        if not spec or not marker or os.path.exists(marker):
+            return
+        rank, step = (int(x) for x in spec.split(":"))
+        if self.env.rank == rank and self.step == step:
+            Path(marker).write_text("stalled")
+            time.sleep(10**6)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -238,6 +255,7 @@ class Trainer:
             self.step += 1
             if self._test_step_sleep:
                 time.sleep(self._test_step_sleep)
+            self._test_hang()
             window_tokens += t.global_batch_tokens
             if progress is not None:
                 progress.update(1)
@@ -344,9 +362,11 @@ def train(config: RunConfig) -> dict:
     try:
         from tape_pretrain.distributed.preflight import preflight
 
-        report = preflight(config, env)
+        report, problems = preflight(config, env)
         if report:
             print(report, flush=True)
+        if problems:  # every rank stops here, before step 0, with the first problem named
+            raise StorageError(f"preflight: {problems[0]}")
         trainer = Trainer(config, env)
         return trainer.run()
     finally:
