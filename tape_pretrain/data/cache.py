@@ -71,6 +71,9 @@ def cache_split(url: str, manifest: Manifest, fingerprint: str, split: str, cach
         where = join(url, shard.path)
         if is_local(fs):
             path = join(root, shard.path)
+            real_root = os.path.realpath(root)
+            if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+                raise DataError(f"{where}: shard path {shard.path!r} resolves outside the dataset (symlink?)")
             if not os.path.exists(path):
                 reason = "missing"
             else:

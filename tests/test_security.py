@@ -1,0 +1,117 @@
+"""Hostile inputs: manifest paths that escape, pickles in checkpoints, corrupt shards at training time,
+and secrets that must never be written anywhere."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tape_pretrain.data.cache import cache_split
+from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.errors import DataError
+from tests.helpers import base_env, run, train_command, write_config
+
+
+@pytest.mark.parametrize("bad", ["../x.bin", "/etc/passwd", "s3://other/x.bin", "train/../../x.bin"])
+def test_manifest_paths_must_stay_inside(dataset_path, tmp_path, bad):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset_path, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["splits"]["train"][0]["path"] = bad
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=f"shard path {bad!r} must be relative and stay inside"):
+        load_manifest(str(copy))
+
+
+def test_escaping_symlink_is_refused(dataset_path, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset_path, copy)
+    manifest, fp = load_manifest(str(copy))
+    shard = copy / manifest.splits["train"][0].path
+    outside = tmp_path / "outside.bin"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    with pytest.raises(DataError, match="resolves outside the dataset"):
+        cache_split(str(copy), manifest, fp, "train", str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "out_of_vocab"])
+def test_corrupt_shard_stops_training_before_step_0(dataset_path, tmp_path, damage):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset_path, copy)
+    manifest, _ = load_manifest(str(copy))
+    rel = manifest.splits["train"][1].path
+    shard = copy / rel
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        data = data[:-2]
+    elif damage == "flip":
+        data[1000] ^= 0x10
+    elif damage == "empty":
+        data = bytearray()
+    else:  # out of vocab, with the manifest's checksum updated so only the id check can catch it
+        import hashlib
+
+        data[0:2] = (60000).to_bytes(2, "little")
+        raw = json.loads((copy / "manifest.json").read_text())
+        raw["splits"]["train"][1]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+        (copy / "manifest.json").write_text(json.dumps(raw))
+    shard.write_bytes(bytes(data))
+    cfg = write_config(tmp_path / "c.yaml", str(copy), tmp_path / "run", **{"data.cache_dir": str(tmp_path / "c")})
+    out = subprocess.run(train_command(0, cfg), env=base_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2
+    assert rel in out.stderr and out.stderr.strip().startswith("error:")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before step 0
+
+
+@pytest.mark.slow
+def test_dcp_metadata_pickle_never_runs(dataset_path, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "parallel.engine": "fsdp2", "trainer.max_steps": 1})
+    run(train_command(0, cfg))
+    canary = tmp_path / "canary"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    metadata = tmp_path / "run/checkpoints/step_00000001/engine/.metadata"
+    size = metadata.stat().st_size
+    blob = __import__("pickle").dumps(Payload())
+    metadata.write_bytes(blob + b" " * max(0, size - len(blob)))  # same size: only the checksum can tell
+    out = run(train_command(0, cfg, "trainer.max_steps=2"), check=False)
+    assert ".metadata: sha256 mismatch" in out.stdout
+    assert not canary.exists()
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_any_file(dataset_path, tmp_path):
+    """Canary credentials in the environment and in a config field: a full run (train, checkpoint, resume,
+    export, eval) with wandb offline leaves them in no file and no log."""
+    secret, wandb_key = "CANARYsecretAWS9f3k2", "CANARYwandb" + "0" * 29
+    env = dict(base_env(), AWS_SECRET_ACCESS_KEY=secret, AWS_ACCESS_KEY_ID="AKIACANARY", WANDB_API_KEY=wandb_key,
+               WANDB_DIR=str(tmp_path / "wandb"), WANDB_MODE="offline")
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "trainer.max_steps": 4, "checkpoint.interval": 2, "logging.wandb.mode": "offline",
+        "data.storage_options": {"secret": secret, "key": "AKIACANARY"}})
+    logs = []
+    logs.append(run(train_command(0, cfg, "trainer.stop_at_step=2"), env=env))
+    logs.append(run(train_command(0, cfg), env=env))
+    python = train_command(0, cfg)[0]
+    logs.append(run([python, "-m", "tape_pretrain.cli", "export", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "export")], env=env))
+    logs.append(run([python, "-m", "tape_pretrain.cli", "eval", str(tmp_path / "export"), "--data", dataset_path,
+                     "--lengths", "32", "--max-tokens", "500", "--out", str(tmp_path / "eval")], env=env))
+    for log in logs:
+        assert secret not in log.stdout + log.stderr and wandb_key not in log.stdout + log.stderr
+    files = [p for root in (tmp_path / "run", tmp_path / "wandb", tmp_path / "export", tmp_path / "eval")
+             for p in Path(root).rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files), "wandb offline wrote nothing: the test would prove nothing"
+    for path in files:
+        data = path.read_bytes()
+        assert secret.encode() not in data and wandb_key.encode() not in data, path
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["storage_options"] == {"secret": "***", "key": "***"}
