@@ -1,9 +1,10 @@
 """`tape-pretrain prep`: tokenize sources into checksummed shards with a manifest, on any fsspec URL.
 
 Determinism: documents are read in a fixed order, assigned to train/val by their index, and grouped
-into chunks of ``chunk_docs`` consecutive documents of one split. Chunks are tokenized in parallel but
-written in order, and a shard closes after the chunk that brings it to ``shard_tokens``. The output
-therefore depends on the inputs, the tokenizer and the options, never on the worker count.
+into chunks of at most ``chunk_docs`` consecutive documents (or ``chunk_bytes`` of text) of one split.
+Chunks are tokenized in parallel but written in order, and a shard closes after the chunk that brings it
+to ``shard_tokens``. The output therefore depends on the inputs, the tokenizer and the options, never
+on the worker count.
 
 Resumability: each closed shard gets a journal entry under ``_prep/`` (checksum, documents covered).
 A re-run keeps the shards whose checksums still match, skips the documents they cover without
@@ -47,6 +48,7 @@ class PrepOptions:
     overwrite: bool = False
     dtype: str = "auto"
     chunk_docs: int = 64
+    chunk_bytes: int = 256 << 10
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
@@ -142,7 +144,8 @@ def _completed_shards(fs, root: str, split: str) -> list[JournalEntry]:
 
 def _recipe(options: PrepOptions, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
     return {"inputs": list(options.inputs), "text_field": options.text_field, "val_fraction": options.val_fraction,
-            "shard_tokens": options.shard_tokens, "chunk_docs": options.chunk_docs, "dtype": dtype,
+            "shard_tokens": options.shard_tokens, "chunk_docs": options.chunk_docs,
+            "chunk_bytes": options.chunk_bytes, "dtype": dtype,
             "tokenizer_sha256": tokenizer.sha256}
 
 
@@ -214,6 +217,7 @@ def prepare(options: PrepOptions) -> Manifest:
 
     def jobs():
         pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+        pending_bytes = dict.fromkeys(SPLITS, 0)
         seen = dict.fromkeys(SPLITS, 0)
         for index, text in enumerate(iter_documents(options.inputs, options.text_field, stats,
                                                     options.storage_options)):
@@ -224,9 +228,11 @@ def prepare(options: PrepOptions) -> Manifest:
             if seen[split] <= writers[split].docs_done:
                 continue  # already in a verified shard
             pending[split].append(text)
-            if len(pending[split]) == options.chunk_docs:
+            pending_bytes[split] += len(text)
+            # small chunks keep the workers evenly loaded to the end; a chunk depends only on its documents
+            if len(pending[split]) == options.chunk_docs or pending_bytes[split] >= options.chunk_bytes:
                 yield split, pending[split]
-                pending[split] = []
+                pending[split], pending_bytes[split] = [], 0
         for split in SPLITS:
             if pending[split]:
                 yield split, pending[split]
