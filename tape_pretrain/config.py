@@ -200,6 +200,8 @@ class CheckpointConfig:
     """With resume=false, allow starting over in a run_dir that already has checkpoints."""
     allow_changes: list[str] = field(default_factory=list)
     """Resume-time checks to waive: any of model, data, batch, curriculum."""
+    allow_group_writable: bool = False
+    """Load checkpoints from directories that other users can write to (refused by default: they unpickle)."""
     staging_dir: str = "~/.cache/tape_pretrain/runs"
     """Local mirror of a remote run_dir (s3://, gs://): engines write here, then files are uploaded."""
 

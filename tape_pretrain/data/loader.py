@@ -32,12 +32,20 @@ class TokenWindows:
         if self.num_windows == 0:
             raise DataError(f"split has {total} tokens: too few for one window of {window_len + 1}")
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.starts[-1])
+
     def gather(self, indices: np.ndarray) -> np.ndarray:
-        """[len(indices), window_len + 1] int64 tokens."""
+        """[len(indices), window_len + 1] int64 tokens of windows ``indices`` (stride window_len)."""
+        return self.gather_spans(np.asarray(indices, dtype=np.int64) * self.window_len)
+
+    def gather_spans(self, starts: np.ndarray) -> np.ndarray:
+        """[len(starts), window_len + 1] int64 tokens beginning at the given token offsets."""
         n = self.window_len + 1
-        out = np.empty((len(indices), n), dtype=np.int64)
-        for row, index in enumerate(indices):  # one slice per window, never per token
-            start = int(index) * self.window_len
+        out = np.empty((len(starts), n), dtype=np.int64)
+        for row, start in enumerate(starts):  # one slice per window, never per token
+            start = int(start)
             shard = int(np.searchsorted(self.starts, start, side="right")) - 1
             offset = start - int(self.starts[shard])
             piece = self.arrays[shard][offset:offset + n]

@@ -14,23 +14,47 @@ from tape_pretrain.data.manifest import load_manifest
 
 
 @torch.no_grad()
-def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, device) -> dict:
-    """exp(mean next-token loss) over the first non-overlapping windows of the split (up to max_tokens)."""
-    count = max(1, min(windows.num_windows, max_tokens // windows.window_len))
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, count, batch_size):
-        tokens = torch.from_numpy(windows.gather(np.arange(start, min(start + batch_size, count)))).to(device)
+def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, device, stride: int | None = None,
+               rank: int = 0, world_size: int = 1) -> dict:
+    """exp(mean next-token loss) over the first windows of the split (about max_tokens scored tokens).
+
+    Without a stride the windows do not overlap and every token is scored. With a stride S < length, windows
+    start every S tokens and only their last S tokens are scored (the first window scores all), so each token is
+    predicted once, with at least length - S tokens of context. Under several ranks each takes every
+    world_size-th window and the sums are all-reduced.
+    """
+    length = windows.window_len
+    stride = stride or length
+    if not 0 < stride <= length:
+        raise ValueError(f"stride {stride} must be in (0, {length}]")
+    last_start = windows.num_tokens - length - 1
+    count = max(1, min(last_start // stride + 1, max_tokens // stride))
+    starts = np.arange(count, dtype=np.int64) * stride
+    mine = np.arange(rank, count, world_size)
+    sums = torch.zeros(2, dtype=torch.float64)
+    for first in range(0, len(mine), batch_size):
+        batch_ids = mine[first:first + batch_size]
+        tokens = torch.from_numpy(windows.gather_spans(starts[batch_ids])).to(device)
         logits = model(tokens[:, :-1])  # SDPA's fused kernels keep memory linear in length
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-        total_loss += float(loss)
-        total_tokens += tokens[:, 1:].numel()
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+        losses = losses.view(len(batch_ids), length)
+        scored = torch.full((len(batch_ids), length), True, device=losses.device)
+        scored[torch.from_numpy(batch_ids) > 0, : length - stride] = False
+        sums += torch.tensor([float(losses[scored].double().sum()), int(scored.sum())], dtype=torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    total_loss, total_tokens = float(sums[0]), int(sums[1])
     mean = total_loss / total_tokens
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "windows": count}
 
 
 def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, max_tokens: int, batch_size: int,
-                     device="cpu", storage_options=None) -> dict[int, dict]:
+                     device="cpu", storage_options=None, stride: int | None = None, rank: int = 0,
+                     world_size: int = 1) -> dict[int, dict]:
     manifest, fp = load_manifest(data_url, storage_options)
     split = cache_split(data_url, manifest, fp, "val", cache_dir, storage_options)
-    return {length: perplexity(model, TokenWindows(split, manifest.dtype, length), max_tokens, batch_size, device)
+    return {length: perplexity(model, TokenWindows(split, manifest.dtype, length), max_tokens, batch_size, device,
+                               stride=min(stride, length) if stride else None, rank=rank, world_size=world_size)
             for length in lengths}

@@ -19,10 +19,22 @@ def evaluate_command(args) -> dict:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
         raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers") from None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import os
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # under torchrun: every rank scores a share of the windows
+        from tape_pretrain.distributed.env import init_distributed
+
+        env = init_distributed()
+        device, rank, world = env.device, env.rank, env.world_size
+    else:
+        device, rank, world = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
     model = load_export_model(str(export)).to(device)
-    results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / ".cache"),
-                               args.max_tokens, args.batch_size, device)
+    results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
+                               args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
+                               world_size=world)
+    if rank != 0:
+        return results
     table = ["| length | loss | perplexity | tokens |", "|---:|---:|---:|---:|"]
     table += [f"| {n} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']:,} |" for n, r in results.items()]
     print("\n".join(table))

@@ -57,7 +57,7 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
     mode = directory.stat().st_mode
     if not allow_group_writable and mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise CheckpointError(f"{directory}: writable by other users; refusing to load files that unpickle "
-                              "(chmod go-w to trust it)")
+                              "(chmod go-w to trust it, or set checkpoint.allow_group_writable=true)")
     try:
         table = json.loads((directory / FILES).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -86,8 +86,10 @@ def _file_table_names(directory: Path) -> list[str]:
 class CheckpointManager:
     """Writes, finds, verifies and prunes checkpoints under RUN_DIR/checkpoints (local or remote)."""
 
-    def __init__(self, run_dir: RunDirectory, env: DistEnv, keep_last: int = 3, keep_every: int = 0):
+    def __init__(self, run_dir: RunDirectory, env: DistEnv, keep_last: int = 3, keep_every: int = 0,
+                 allow_group_writable: bool = False):
         self.run_dir, self.env, self.keep_last, self.keep_every = run_dir, env, keep_last, keep_every
+        self.allow_group_writable = allow_group_writable
         self._pending: tuple | None = None  # (step, engine, extra_uploads) of a save still being written
 
     @property
@@ -173,11 +175,11 @@ class CheckpointManager:
         """The newest checkpoint that verifies (or the explicit one), warning about each skipped one."""
         if explicit:
             directory = Path(explicit)
-            return directory, verify_checkpoint(directory)
+            return directory, verify_checkpoint(directory, self.allow_group_writable)
         for step in reversed(self.steps()):
             directory = self._localise(step)
             try:
-                return directory, verify_checkpoint(directory)
+                return directory, verify_checkpoint(directory, self.allow_group_writable)
             except CheckpointError as exc:
                 if self.env.is_main:
                     print(f"warning: skipping checkpoint {directory.name}: {exc}")

@@ -104,7 +104,7 @@ class Trainer:
         torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
 
         self.checkpoints = CheckpointManager(self.run_directory, env, config.checkpoint.keep_last,
-                                             config.checkpoint.keep_every)
+                                             config.checkpoint.keep_every, config.checkpoint.allow_group_writable)
         self.step = 0
         wandb_id = self._resume()
         self.metrics = None

@@ -65,7 +65,7 @@ def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engin
     assert max(metrics(tmp_path / "run")) == 10
 
 
-@pytest.mark.parametrize("engine", ["zero2", "fsdp2", "fsdp2_async"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2", "fsdp2_async"])
 def test_kill_9_of_every_process_then_resume_bitwise(tmp_path, dataset_path, engine):
     reference_cfg = config_for(tmp_path, dataset_path, "reference", engine, interval=3)
     run(train_command(2, reference_cfg))

@@ -1,0 +1,91 @@
+"""Perplexity with a sliding window, passkey prompts and scoring, and linear-memory attention at long lengths."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tape_pretrain.config import ModelConfig, PositionalConfig
+from tape_pretrain.data.cache import cache_split
+from tape_pretrain.data.loader import TokenWindows
+from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.data.tokenizer import Tokenizer
+from tape_pretrain.eval.passkey import make_prompt, passkey_accuracy, score
+from tape_pretrain.eval.perplexity import perplexity
+from tape_pretrain.models import build_model
+
+
+def small_model(name="tape", vocab=512):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=None, vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=2,
+                                    ffn_hidden_size=64, max_seq_len=512, positional=PositionalConfig(name=name))).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            if name == "tape":
+                layer.positional.pe.up_proj.weight.normal_(0, 0.2)
+    return model
+
+
+def test_sliding_window_scores_each_token_once_with_context(dataset_path, tmp_path):
+    manifest, fp = load_manifest(dataset_path)
+    windows = TokenWindows(cache_split(dataset_path, manifest, fp, "val", str(tmp_path)), manifest.dtype, 32)
+    model = small_model()
+    result = perplexity(model, windows, max_tokens=16 * 6, batch_size=4, device="cpu", stride=16)
+    flat = np.concatenate([np.fromfile(s.path, dtype=manifest.dtype) for s in
+                           cache_split(dataset_path, manifest, fp, "val", str(tmp_path)).shards]).astype(np.int64)
+    losses = []
+    with torch.no_grad():
+        for k in range(6):  # independently: window k starts at 16k, scores its last 16 (all 32 for k = 0)
+            tokens = torch.from_numpy(flat[16 * k: 16 * k + 33])[None]
+            loss = F.cross_entropy(model(tokens[:, :-1])[0], tokens[0, 1:], reduction="none")
+            losses.append(loss if k == 0 else loss[16:])
+    expected = torch.cat(losses).double()
+    assert result["tokens"] == 32 + 5 * 16
+    assert result["perplexity"] == pytest.approx(math.exp(expected.mean().item()), rel=1e-6)
+
+
+def test_passkey_prompt_puts_the_key_at_the_depth(tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    rng = random.Random(0)
+    for depth in (0.0, 0.25, 0.5, 0.9, 1.0):
+        prompt = make_prompt(tokenizer, 400, depth, rng)
+        assert abs(len(prompt.ids) - 400) <= 2
+        text_before = tokenizer.decode(prompt.ids[: prompt.key_position])
+        text_after = tokenizer.decode(prompt.ids[prompt.key_position:])
+        assert prompt.key not in text_before
+        assert text_after.lstrip().startswith(f"The pass key is {prompt.key}.")
+        filler = len(prompt.ids) - len(tokenizer.processor.encode(
+            f" The pass key is {prompt.key}. Remember it. {prompt.key} is the pass key.")) - len(
+            tokenizer.processor.encode(" What is the pass key? The pass key is"))
+        assert abs(prompt.key_position - depth * filler) <= 1
+        assert tokenizer.decode(prompt.ids).endswith("What is the pass key? The pass key is")
+
+
+@pytest.mark.parametrize("answer, ok", [(" 12345.", True), ("12345", True), (" 123456", False), (" 1234", False),
+                                        (" 54321 12345", False), (" the key", False), ("", False)])
+def test_passkey_scorer_accepts_exactly_the_key(answer, ok):
+    assert score(answer, "12345") is ok
+
+
+def test_passkey_accuracy_runs_greedy_decoding(tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    accuracy = passkey_accuracy(small_model(), tokenizer, [64, 128], [0.5], trials=2, seed=1)
+    assert set(accuracy) == {(64, 0.5), (128, 0.5)} and all(0 <= a <= 1 for a in accuracy.values())
+
+
+@pytest.mark.parametrize("name", ["tape", "rope"])
+def test_long_inputs_use_the_linear_memory_kernel(name):
+    """8x a 512 training length: only the fused (flash) kernel is allowed, which never builds the N x N matrix;
+    a formulation that needed the math kernel would raise here."""
+    model = small_model(name)
+    ids = torch.randint(0, 512, (1, 4096))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        logits = model(ids)
+    assert logits.shape == (1, 4096, 512) and torch.isfinite(logits).all()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError):
+        q = torch.randn(1, 2, 64, 16)
+        F.scaled_dot_product_attention(q, q, torch.randn(1, 2, 64, 32))  # the 2D-wide single call TAPE avoids
