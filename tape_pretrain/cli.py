@@ -207,8 +207,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# glibc malloc settings for CPU runs: keep freed memory mapped instead of returning every large block to the OS,
+# so each step does not page-fault and zero-fill its activations again. Measured on 2 cores, paper-155m, N=1024:
+# TAPE 4.40-4.73 s -> 4.18-4.35 s per step, RoPE 3.76-3.87 s -> 3.61-3.80 s (ratio 1.17-1.22 -> 1.15-1.16).
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+                  "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def tune_cpu_allocator(argv: list[str]) -> None:
+    """Re-execute this command once with CPU_MALLOC_ENV (glibc reads it only at start-up).
+
+    Skipped on GPU machines, where it is not needed, when any of the variables is already set, and with
+    TAPE_PRETRAIN_NO_MALLOC_TUNING=1.
+    """
+    import os
+
+    if (not sys.platform.startswith("linux") or os.environ.get("TAPE_PRETRAIN_NO_MALLOC_TUNING")
+            or any(k in os.environ for k in CPU_MALLOC_ENV) or os.path.exists("/dev/nvidia0")
+            or os.environ.get("TAPE_PRETRAIN_REEXECED")):
+        return
+    env = dict(os.environ, TAPE_PRETRAIN_REEXECED="1", **CPU_MALLOC_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tape_pretrain.cli", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     from tape_pretrain.errors import USER_ERRORS
+
+    if argv is None:  # the process entry point (console script or python -m), not a call from Python code
+        argv = sys.argv[1:]
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command in ("train", "bench", "eval", "study"):
+            tune_cpu_allocator(argv)
 
     args = build_parser().parse_args(argv)
     try:
