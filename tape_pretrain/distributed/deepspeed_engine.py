@@ -80,8 +80,15 @@ class DeepSpeedEngine(Engine):
     def optimizer_step(self, lr):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        pre_clip_norm = None
+        if self.config.parallel.zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips fp32 gradients but does not keep the norm: measure it here.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            pre_clip_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = pre_clip_norm
         return norm if norm is not None else float("nan")
 
     def eval_logits(self, inputs):
