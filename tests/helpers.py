@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,11 +63,23 @@ def train_command(nproc: int, config: Path, *overrides: str, port: int | None = 
             "-m", "tape_pretrain.cli", "train", str(config), *overrides]
 
 
+def _save_log(text: str) -> str:
+    """Keep the whole stderr of a failed command (its tail alone rarely shows every rank's cause)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", prefix="tape_pretrain_failed_", suffix=".log", delete=False) as f:
+        f.write(text)
+    return f"\n(full stderr: {f.name})"
+
+
 def run(cmd: list[str], timeout: float = 300, check: bool = True, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, env=env or base_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
-                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}")
+        # every rank's own error lines first: the root cause is often far above the launcher's tail
+        errors = [line for line in result.stderr.splitlines() if re.search(r"(Error|Exception|error:)", line)]
+        raise AssertionError(f"command failed ({result.returncode}): {' '.join(cmd)}\nerror lines:\n"
+                             + "\n".join(dict.fromkeys(errors[:40])) +
+                             f"\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}{_save_log(result.stderr)}")
     return result
 
 

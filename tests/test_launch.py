@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, base_env, descendants, free_port, kill_tree, metrics, run, train_command, write_config
+from tests.helpers import (
+    ROOT,
+    _save_log,
+    base_env,
+    descendants,
+    free_port,
+    kill_tree,
+    metrics,
+    run,
+    train_command,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -56,7 +67,7 @@ def test_retry_wrapper_recovers_from_a_killed_node(tmp_path, dataset_path, refer
     assert len(agents) == 2
     kill_tree(agents[1])  # node 1 dies: its agent and its worker
     output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, output[-3000:] + _save_log(output)
     assert "retry: attempt 1 failed" in output
     assert "resumed from" in output
     assert losses(metrics(tmp_path / "run")) == losses(reference)

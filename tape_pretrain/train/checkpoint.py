@@ -112,11 +112,13 @@ class CheckpointManager:
         self.finish()
         name = step_dir_name(step)
         directory = self.root / name
-        if self.env.local_rank == 0:
+        if self.env.is_main:
             if directory.exists():  # a leftover of an interrupted save of the same step
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
         barrier(self.env)
+        # other nodes: the same directory on a shared filesystem, or their own staging copy
+        directory.mkdir(parents=True, exist_ok=True)
         engine.save(str(directory / "engine"))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
