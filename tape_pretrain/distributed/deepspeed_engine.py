@@ -97,22 +97,18 @@ class DeepSpeedEngine(Engine):
     def _to_universal(self, directory: str) -> str:
         """Convert a checkpoint saved on another data-parallel size to DeepSpeed's universal format (rank 0
         converts into a local temp folder next to it; every rank then loads it, resharded)."""
-        import argparse
-        import contextlib
-        import io
-
-        from deepspeed.checkpoint import ds_to_universal
+        import subprocess
+        import sys
 
         from tape_pretrain.distributed.env import barrier
 
         out = os.path.join(os.path.dirname(directory), "engine_universal")
         if self.env.local_rank == 0 and not os.path.isdir(os.path.join(out, "engine", "zero")):
-            args = argparse.Namespace(input_folder=os.path.join(directory, "engine"),
-                                      output_folder=os.path.join(out, "engine"), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=True)
-            with contextlib.redirect_stdout(io.StringIO()):
-                ds_to_universal.main(args)
+            # In a fresh process: the converter must not issue collectives on this job's process group.
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
+                            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                           check=True, capture_output=True)
         barrier(self.env)
         return out
 
