@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tape_pretrain.data.manifest import MANIFEST, SPLITS, TOKENIZER, Manifest, ShardInfo, sha256_file
-from tape_pretrain.data.sources import SourceStats, iter_documents
+from tape_pretrain.data.sources import TEXT_NORMALIZATION, SourceStats, iter_documents
 from tape_pretrain.data.storage import exists, join, open_url, read_bytes, write_bytes_atomic
 from tape_pretrain.data.tokenizer import Tokenizer
 from tape_pretrain.errors import DataError
@@ -146,7 +146,7 @@ def _recipe(options: PrepOptions, tokenizer: Tokenizer, dtype: str) -> dict[str,
     return {"inputs": list(options.inputs), "text_field": options.text_field, "val_fraction": options.val_fraction,
             "shard_tokens": options.shard_tokens, "chunk_docs": options.chunk_docs,
             "chunk_bytes": options.chunk_bytes, "dtype": dtype,
-            "tokenizer_sha256": tokenizer.sha256}
+            "tokenizer_sha256": tokenizer.sha256, "text_normalization": TEXT_NORMALIZATION}
 
 
 def _resolve_dtype(options: PrepOptions, tokenizer: Tokenizer) -> str:
@@ -260,11 +260,13 @@ def prepare(options: PrepOptions) -> Manifest:
         dtype=dtype, splits={split: [e.shard for e in w.entries] for split, w in writers.items()},
         source={"recipe": recipe},
         stats={"documents": stats.documents, "empty_skipped": stats.empty_skipped,
-               "invalid_utf8_replaced": stats.invalid_utf8_replaced})
+               "invalid_utf8_replaced": stats.invalid_utf8_replaced, "nul_removed": stats.nul_removed,
+               "newlines_normalized": stats.newlines_normalized})
     write_bytes_atomic(fs, join(root, MANIFEST), manifest.to_bytes())
     elapsed = time.perf_counter() - started
     print(f"prep: {stats.documents:,} documents ({stats.empty_skipped} empty skipped, "
-          f"{stats.invalid_utf8_replaced} with invalid UTF-8 replaced); "
+          f"{stats.invalid_utf8_replaced} with invalid UTF-8 replaced, {stats.nul_removed} with NUL removed, "
+          f"{stats.newlines_normalized} with CR line endings normalized); "
           + ", ".join(f"{s}: {manifest.num_tokens(s):,} tokens in {len(manifest.splits[s])} shards" for s in SPLITS)
           + f"; {elapsed:.1f}s; written to {options.out}")
     if options.val_fraction > 0 and not manifest.splits["val"]:

@@ -5,6 +5,10 @@ SRC forms:
 - a path or URL, with globs: ``*.txt`` (one document per file), ``*.jsonl[.gz|.zst]`` (one per line),
   ``*.parquet`` (one per row); the text field is configurable (default ``text``)
 - ``builtin:python-stdlib``: the running Python's standard-library sources, present on every machine
+
+Every document is normalized the same way whatever its source (``TEXT_NORMALIZATION`` names the rules, and
+prep records it, so a change here is a different dataset): NUL characters are removed, and CRLF and lone
+CR line endings become LF, so text from Windows or old Mac files tokenizes like the same text from Unix.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ from tape_pretrain.errors import DataError, StorageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+TEXT_NORMALIZATION = "strip-nul,lf-newlines"
 
 
 @dataclass
 class SourceStats:
-    """Counters of what reading the sources skipped or repaired."""
+    """Counters of what reading the sources skipped or repaired (documents, not occurrences)."""
 
     documents: int = 0
     empty_skipped: int = 0
     invalid_utf8_replaced: int = 0
+    nul_removed: int = 0
+    newlines_normalized: int = 0
     files: int = 0
     bytes_read: int = 0
     per_source: dict[str, int] = field(default_factory=dict)
@@ -147,7 +154,8 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
 
 def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStats | None = None,
                    storage_options=None) -> Iterator[str]:
-    """Non-empty documents of every source, in a fixed order; counts empty and repaired ones in ``stats``."""
+    """Non-empty, normalized documents of every source, in a fixed order; counts empty and repaired ones in
+    ``stats`` (a document counts once per kind of repair)."""
     stats = stats if stats is not None else SourceStats()
     for spec in specs:
         if spec.startswith("builtin:"):
@@ -163,7 +171,14 @@ def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStat
                 stats.empty_skipped += 1
                 continue
             if "\x00" in text:
+                stats.nul_removed += 1
                 text = text.replace("\x00", "")
+                if not text.strip():
+                    stats.empty_skipped += 1
+                    continue
+            if "\r" in text:
+                stats.newlines_normalized += 1
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
             stats.documents += 1
             count += 1
             yield text

@@ -112,17 +112,40 @@ def test_verify_names_altered_and_truncated_shards(tmp_path, corpus_dir, tokeniz
         verify_dataset(str(tmp_path / "ds"))
 
 
-def test_empty_documents_and_invalid_utf8_are_counted(tmp_path, tokenizer_path):
+def read_split(dataset, split) -> np.ndarray:
+    manifest, _ = load_manifest(str(dataset))
+    return np.concatenate([np.fromfile(Path(dataset) / s.path, dtype=manifest.dtype) for s in manifest.splits[split]])
+
+
+def test_dirty_corpus_is_counted_normalized_and_deterministic(tmp_path, tokenizer_path):
+    """Invalid UTF-8, empty and whitespace-only documents, NULs, CRLF, lone CR and a 1 MB single line."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_bytes(b"good text " * 50)
     (src / "b.txt").write_bytes(b"")
     (src / "c.txt").write_bytes(b"   \n\t ")
     (src / "d.txt").write_bytes(b"bad \xff\xfe bytes " * 20)
-    (src / "e.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "fine " * 30}) + "\n")
-    manifest = prep([src / "*.txt", src / "*.jsonl"], tokenizer_path, tmp_path / "ds", val_fraction=0.0)
-    assert manifest.stats == {"documents": 3, "empty_skipped": 3, "invalid_utf8_replaced": 1}
-    assert sum(s.num_docs for s in manifest.splits["train"]) == 3
+    (src / "e.txt").write_bytes(b"line one\r\nline two\r\n")
+    (src / "f.txt").write_bytes(b"old mac\rline")
+    (src / "g.txt").write_bytes(b"nul\x00inside\x00")
+    (src / "h.txt").write_bytes(b"\x00\x00 \x00")  # nothing left once NULs go
+    (src / "i.txt").write_bytes(b"word " * 200_000)  # 1 MB without a newline
+    (src / "j.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "fine\r\n" * 30}) + "\n")
+    inputs = [src / "*.txt", src / "*.jsonl"]
+    manifest = prep(inputs, tokenizer_path, tmp_path / "w1", val_fraction=0.0, shard_tokens=100_000)
+    assert manifest.stats == {"documents": 7, "empty_skipped": 4, "invalid_utf8_replaced": 1, "nul_removed": 2,
+                              "newlines_normalized": 3}
+    prep(inputs, tokenizer_path, tmp_path / "w2", val_fraction=0.0, shard_tokens=100_000, workers=2)
+    assert read_tree(str(tmp_path / "w1")) == read_tree(str(tmp_path / "w2"))
+
+    tok = Tokenizer.load(tokenizer_path)
+    tokens = read_split(tmp_path / "w1", "train")
+    assert (tokens == tok.eos_id).sum() == 7 and tokens[-1] == tok.eos_id  # every document ends with EOS
+    # normalized text tokenizes exactly like the same text written with Unix line endings and no NULs
+    expected = [tok.processor.encode(t) + [tok.eos_id] for t in (
+        "good text " * 50, "bad \ufffd\ufffd bytes " * 20, "line one\nline two\n", "old mac\nline",
+        "nulinside", "word " * 200_000, "fine\n" * 30)]
+    assert tokens.tolist() == [i for ids in expected for i in ids]
 
 
 @pytest.mark.parametrize("content, message", [
