@@ -178,6 +178,9 @@ class ParallelConfig:
     """Path to a DeepSpeed JSON merged over the generated config."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    compile: bool = False
+    """torch.compile each block (after activation checkpointing, before sharding): fused kernels on GPU.
+    The first steps at each new sequence length pay the compile time."""
     timeout_s: float = 600.0
     """Collective timeout: a rank stalled longer than this makes every rank exit non-zero."""
 
@@ -393,6 +396,10 @@ def validate(config: RunConfig) -> None:
             f"trainer.seq_len={t.seq_len}")
     if not 0 <= config.parallel.zero_stage <= 3:
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {config.parallel.zero_stage}")
+    if config.parallel.compile and config.parallel.engine == "deepspeed" and config.parallel.zero_stage == 3:
+        # ZeRO-3 fetches each Linear's parameters in hooks inside the block, where dynamo sees empty partitions.
+        raise ConfigError("parallel.compile does not work with DeepSpeed ZeRO-3 (its parameter fetches run inside "
+                          "the compiled blocks); use parallel.engine=fsdp2, or zero_stage 0-2")
     if config.checkpoint.keep_last < 2:
         raise ConfigError(
             f"checkpoint.keep_last must be at least 2 (got {config.checkpoint.keep_last}): with one, a corrupt "

@@ -38,6 +38,7 @@ def test_overrides_take_precedence(tmp_path):
     (["trainer.seq_len=100", "trainer.global_batch_tokens=1050"], "not a multiple of trainer.seq_len"),
     (["curriculum.phases=[{seq_len: 48}]"], r"curriculum.phases\[0\].seq_len=48 must divide"),
     (["parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3"),
+    (["parallel.compile=true", "parallel.zero_stage=3"], "parallel.compile does not work with DeepSpeed ZeRO-3"),
     (["nonsense"], "not of the form key=value"),
 ])
 def test_bad_values_name_the_dotted_path(override, message):
