@@ -158,6 +158,13 @@ def _resolve_dtype(options: PrepOptions, tokenizer: Tokenizer) -> str:
     return dtype
 
 
+def _what_differs(existing, recipe: dict) -> str:
+    if not isinstance(existing, dict):
+        return "other files" if existing == "unknown files" else "a dataset whose manifest cannot be read"
+    keys = sorted(k for k in recipe.keys() | existing.keys() if recipe.get(k) != existing.get(k))
+    return f"a dataset prepared differently (differs in: {', '.join(keys)})"
+
+
 def _prepare_destination(fs, root: str, options: PrepOptions, recipe: dict) -> bool:
     """Returns True when the dataset at the destination is already complete and identical."""
     manifest_path, recipe_path = join(root, MANIFEST), join(root, JOURNAL, "recipe.json")
@@ -177,7 +184,7 @@ def _prepare_destination(fs, root: str, options: PrepOptions, recipe: dict) -> b
         existing = "unknown files"
     if existing is not None:
         if not options.overwrite:
-            raise DataError(f"{options.out} already holds a different dataset (or other files); "
+            raise DataError(f"{options.out} already holds {_what_differs(existing, recipe)}; "
                             "pass --overwrite to replace it")
         if exists(fs, manifest_path):
             fs.rm(manifest_path)  # the dataset stops existing before any of its shards is touched

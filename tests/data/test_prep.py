@@ -70,11 +70,19 @@ def test_rerun_is_a_noop_and_different_dataset_refused(tmp_path, corpus_dir, tok
     prep(inputs, tokenizer_path, tmp_path / "ds")
     assert "nothing to do" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "ds").rglob("*")}
-    with pytest.raises(DataError, match="already holds a different dataset"):
+    with pytest.raises(DataError, match=r"prepared differently \(differs in: shard_tokens\)"):
         prep(inputs, tokenizer_path, tmp_path / "ds", shard_tokens=30_000)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "ds").rglob("*")}  # nothing touched
     prep(inputs, tokenizer_path, tmp_path / "ds", shard_tokens=30_000, overwrite=True)
     assert load_manifest(str(tmp_path / "ds"))[0].source["recipe"]["shard_tokens"] == 30_000
+
+
+def test_destination_with_other_files_is_refused(tmp_path, corpus_dir, tokenizer_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="ds already holds other files; pass --overwrite"):
+        prep([corpus_dir / "*.jsonl"], tokenizer_path, tmp_path / "ds")
+    assert (tmp_path / "ds" / "notes.txt").read_text() == "keep me"
 
 
 def test_killed_prep_resumes_to_the_same_dataset(tmp_path, corpus_dir, tokenizer_path, cli_env):
