@@ -88,23 +88,30 @@ def cmd_inspect_model(args) -> None:
 
 def cmd_bench(args) -> None:
     what = args.what
-    if what in ("model", "all"):
+    if what == "all":
+        from tape_pretrain.bench import suite
+
+        options = ["--preset", args.preset, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
+                   "--repeats", str(args.repeats), *(["--compile"] if args.compile else [])]
+        suite.run_all(options)
+    elif what == "model":
         from tape_pretrain.bench import model
 
-        model.run(preset=args.preset, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats)
-    if what in ("prep", "all"):
+        model.run(preset=args.preset, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
+                  compile_blocks=args.compile)
+    elif what == "prep":
         from tape_pretrain.bench import prep
 
         prep.run()
-    if what in ("loader", "all"):
+    elif what == "loader":
         from tape_pretrain.bench import loader
 
         loader.run()
-    if what in ("train", "all"):
+    elif what == "train":
         from tape_pretrain.bench import train
 
         train.run()
-    if what in ("checkpoint", "all"):
+    elif what == "checkpoint":
         from tape_pretrain.bench import checkpoint
 
         checkpoint.run(preset=args.preset)
@@ -196,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="bench model: torch.compile each block of both models")
     p.set_defaults(func=cmd_bench)
 
     insp = sub.add_parser("inspect", help="describe a model").add_subparsers(dest="action", required=True)
