@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,11 +87,14 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str, text_field: st
     if vocab_size < 260:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 + 4 special ids")
 
+    documents = iter_documents(inputs, text_field, storage_options=storage_options)
+    first = next(documents, None)
+    if first is None:  # SentencePiece would fail with an internal assertion instead
+        raise DataError(f"{', '.join(inputs)}: the corpus is empty (no non-empty documents)")
+
     def sentences():
-        for i, doc in enumerate(iter_documents(inputs, text_field, storage_options=storage_options)):
-            if i >= max_sentences:
-                return
-            yield doc
+        yield first
+        yield from itertools.islice(documents, max_sentences - 1)
 
     buffer = io.BytesIO()
     try:

@@ -53,6 +53,10 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
     Returns the trainer state. Raises CheckpointError naming the file and the reason.
     """
     if not (directory / COMPLETE).is_file():
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: no such checkpoint directory")
+        if not (directory / FILES).exists() and not (directory / "engine").exists():
+            raise CheckpointError(f"{directory}: not a checkpoint (give RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN)")
         raise CheckpointError(f"{directory}: no {COMPLETE} marker (interrupted save)")
     mode = directory.stat().st_mode
     if not allow_group_writable and mode & (stat.S_IWGRP | stat.S_IWOTH):

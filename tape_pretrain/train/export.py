@@ -65,6 +65,18 @@ def load_export_weights(model: Transformer, directory: str) -> None:
         raise CheckpointError(f"{directory}: weights do not fit the model config: {exc}") from None
 
 
+def _newest_verified(checkpoints: Path) -> tuple[Path, dict]:
+    """The newest checkpoint that verifies, as training's resume picks it (a damaged newest one is skipped)."""
+    from tape_pretrain.train.checkpoint import STEP_DIR, verify_checkpoint
+
+    for candidate in sorted((p for p in checkpoints.iterdir() if STEP_DIR.match(p.name)), reverse=True):
+        try:
+            return candidate, verify_checkpoint(candidate)
+        except CheckpointError as exc:
+            print(f"warning: skipping checkpoint {candidate.name}: {exc}")
+    raise CheckpointError(f"{checkpoints}: no complete checkpoint")
+
+
 def export_checkpoint(checkpoint: str, out: str) -> None:
     """Export a checkpoint directory (or a run directory: its newest complete checkpoint), whatever its engine
     and world size, to a consolidated export. Files are verified against files.json before anything loads."""
@@ -72,11 +84,9 @@ def export_checkpoint(checkpoint: str, out: str) -> None:
 
     path = Path(checkpoint)
     if not (path / COMPLETE).exists() and (path / "checkpoints").is_dir():
-        candidates = sorted(p for p in (path / "checkpoints").iterdir() if (p / COMPLETE).exists())
-        if not candidates:
-            raise CheckpointError(f"{checkpoint}: no complete checkpoint")
-        path = candidates[-1]
-    state = verify_checkpoint(path)
+        path, state = _newest_verified(path / "checkpoints")
+    else:
+        state = verify_checkpoint(path)
     raw = dict(state["model"])
     raw["positional"] = PositionalConfig(**raw["positional"])
     model_config = from_dict(ModelConfig, raw)

@@ -15,7 +15,7 @@ import pytest
 from tape_pretrain.data.manifest import load_manifest, verify_dataset
 from tape_pretrain.data.prep import PrepOptions, in_val_split, prepare
 from tape_pretrain.data.sources import iter_documents
-from tape_pretrain.data.tokenizer import Tokenizer
+from tape_pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from tape_pretrain.errors import DataError, StorageError
 
 
@@ -172,6 +172,10 @@ def test_empty_corpus_is_an_error(tmp_path, tokenizer_path):
     with pytest.raises(DataError, match="the corpus is empty"):
         prep([tmp_path / "empty.txt"], tokenizer_path, tmp_path / "ds")
     assert not (tmp_path / "ds" / "manifest.json").exists()
+    (tmp_path / "blank.txt").write_bytes(b" \x00\n")
+    with pytest.raises(DataError, match="the corpus is empty"):
+        train_tokenizer([str(tmp_path / "*.txt")], vocab_size=300, out=str(tmp_path / "tok.model"))
+    assert not (tmp_path / "tok.model").exists()
 
 
 def test_unknown_scheme_and_missing_input(tmp_path, tokenizer_path):

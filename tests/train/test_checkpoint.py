@@ -60,11 +60,24 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, dataset_path, reference,
         victim.unlink()
     else:
         (newest / "files.json").write_text("")
+    exported = run([sys.executable, "-m", "tape_pretrain.cli", "export", str(tmp_path / "run"), "--out",
+                    str(tmp_path / "x")])
+    assert "warning: skipping checkpoint step_00000006" in exported.stdout and "(step 4," in exported.stdout
     out = run(train_command(0, cfg))
     assert "warning: skipping checkpoint step_00000006" in out.stdout
     assert "resumed from" in out.stdout and "step_00000004" in out.stdout
     resumed = metrics(tmp_path / "run")
     assert [resumed[s]["loss_hex"] for s in range(5, 9)] == [reference[s]["loss_hex"] for s in range(5, 9)]
+
+
+def test_what_is_not_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        verify_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(give RUN_DIR or"):
+        verify_checkpoint(tmp_path)
+    (tmp_path / "engine").mkdir()
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        verify_checkpoint(tmp_path)
 
 
 def test_pickle_payload_never_runs(tmp_path, dataset_path):
