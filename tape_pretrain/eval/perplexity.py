@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import TokenWindows
 from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.errors import DataError
 
 
 @torch.no_grad()
@@ -55,6 +56,10 @@ def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, m
                      world_size: int = 1) -> dict[int, dict]:
     manifest, fp = load_manifest(data_url, storage_options)
     split = cache_split(data_url, manifest, fp, "val", cache_dir, storage_options)
+    too_long = [n for n in lengths if n >= split.num_tokens]
+    if too_long:
+        raise DataError(f"{data_url}: the val split has {split.num_tokens:,} tokens, too few for one window of "
+                        f"length {too_long[0]:,}; use shorter --lengths or a larger --val-fraction in prep")
     return {length: perplexity(model, TokenWindows(split, manifest.dtype, length), max_tokens, batch_size, device,
                                stride=min(stride, length) if stride else None, rank=rank, world_size=world_size)
             for length in lengths}

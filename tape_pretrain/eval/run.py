@@ -19,6 +19,8 @@ def evaluate_command(args) -> dict:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
         raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers") from None
+    if not lengths or min(lengths) <= 0:
+        raise ConfigError(f"--lengths {args.lengths!r} must be positive integers")
     import os
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -89,3 +90,21 @@ def test_long_inputs_use_the_linear_memory_kernel(name):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError):
         q = torch.randn(1, 2, 64, 16)
         F.scaled_dot_product_attention(q, q, torch.randn(1, 2, 64, 32))  # the 2D-wide single call TAPE avoids
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ("0", "--lengths '0' must be positive integers"),
+    ("64,x", "--lengths '64,x' must be comma-separated integers"),
+    ("32,100000000", r"the val split has [\d,]+ tokens, too few for one window of length 100,000,000"),
+])
+def test_bad_eval_lengths_are_one_clear_error(dataset_path, tmp_path, capsys, lengths, message):
+    from tape_pretrain.cli import main
+    from tape_pretrain.train.export import save_export
+
+    model = small_model()
+    save_export(model.state_dict(), model.config, tmp_path / "export", None)
+    code = main(["eval", str(tmp_path / "export"), "--data", dataset_path, "--lengths", lengths])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "eval.json").exists()
