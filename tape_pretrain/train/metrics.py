@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -34,16 +35,27 @@ def float_hex(value: float) -> str:
     return struct.pack(">f", value).hex()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, logging: LoggingConfig, config_dict: dict, resume_step: int | None,
                  run_name: str, wandb_id: str | None):
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # lines written after the checkpoint we resume from belong to a run that did not survive
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Lines written after the checkpoint we resume from belong to a run that did not survive; so does a
+            # half-written last line (a kill -9 mid-write). The rewrite is atomic: a crash keeps the old file.
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")  # noqa: SIM115  (held for the run, closed in close())

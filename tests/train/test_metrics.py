@@ -1,0 +1,30 @@
+"""metrics.jsonl across a resume: the steps of the attempt that did not survive, and a line half-written by a
+kill -9, are dropped; the steps up to the checkpoint are kept as they were."""
+
+import json
+
+from tape_pretrain.config import LoggingConfig
+from tape_pretrain.train.metrics import MetricsWriter
+
+
+def steps_in(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_resume_keeps_steps_up_to_the_checkpoint_and_drops_a_half_written_line(tmp_path):
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    writer = MetricsWriter(tmp_path, LoggingConfig(), {}, resume_step=3, run_name="r", wandb_id=None)
+    writer.log({"step": 4, "loss": 0.5})
+    writer.close()
+    assert steps_in(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[:3] == lines[:3]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_fresh_run_starts_a_fresh_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 9}) + "\n")
+    writer = MetricsWriter(tmp_path, LoggingConfig(), {}, resume_step=None, run_name="r", wandb_id=None)
+    writer.log({"step": 1, "loss": 2.0})
+    writer.close()
+    assert steps_in(tmp_path / "metrics.jsonl") == [1]
