@@ -145,7 +145,10 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
         timing_file.write_text(json.dumps({"train_seconds": previous + time.perf_counter() - start}))
         seq_len = load_config(config_path).trainer.seq_len
         results = evaluate_run(run_dir, data_url, spec, seq_len)
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+        # eval.json marks the run finished, so it appears whole or not at all
+        partial = run_dir / "eval.json.tmp"
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(run_dir / "eval.json")
     if emit_only:
         lines = [shlex.join(c) for c in commands]
         if spec.launcher == "slurm" and not dry_run:
