@@ -72,7 +72,11 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None):
     """(filesystem, root path) for a URL; unknown schemes and unusable URLs give one clear error."""
     try:
         fs, root = url_to_fs(url, **(storage_options or {}))
-    except (ValueError, ImportError) as exc:
+    except ImportError as exc:
+        hint = " (pip install 'tape-pretrain[gcs]', or EXTRAS=test,gcs bash launch/setup_env.sh)" \
+            if url.startswith(("gs://", "gcs://")) else ""
+        raise StorageError(f"cannot open {url!r}: {exc}{hint}") from None
+    except ValueError as exc:
         raise StorageError(f"cannot open {url!r}: {exc}") from None
     return fs, root.rstrip("/") or root
 
