@@ -164,13 +164,14 @@ class Trainer:
             return None
         directory, state = found
         self._check_compatible(state)
+        if state.get("skipped_shards", []) != self.skipped_shards and "data" not in c.allow_changes:
+            raise CheckpointError(f"the checkpoint skipped shards {state.get('skipped_shards')} but this run skips "
+                                  f"{self.skipped_shards}: the data would differ (add 'data' to "
+                                  "checkpoint.allow_changes if intended)")
         self.engine.load(str(directory / "engine"), int(state["world_size"]))
         self.loader.load_state_dict(state["loader"], allow_fingerprint_change="data" in c.allow_changes)
         self.checkpoints.load_rng(directory)
         self.step = int(state["step"])
-        if state.get("skipped_shards", []) != self.skipped_shards and "data" not in c.allow_changes:
-            raise CheckpointError(f"the checkpoint skipped shards {state.get('skipped_shards')} but this run skips "
-                                  f"{self.skipped_shards}: the data would differ")
         if self.env.is_main:
             print(f"resumed from {directory} (step {self.step}, saved by {state['world_size']} rank(s) "
                   f"with {state['engine']})")

@@ -151,3 +151,36 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
     lines = [json.loads(x) for x in fs.cat_file(f"{s3_env}/runs/r1/metrics.jsonl").decode().splitlines()]
     resumed = {r["step"]: r for r in lines if "loss" in r}
     assert [resumed[s]["loss_hex"] for s in range(1, 9)] == [reference[s]["loss_hex"] for s in range(1, 9)]
+
+
+def test_skipped_corrupt_shard_is_logged_checkpointed_and_resumed_identically(tmp_path, dataset_path):
+    """RELIABILITY R8 with data.on_corrupt_shard=skip: the skip is logged and recorded in the checkpoint, a
+    resume reproduces the uninterrupted run, and a resume that would see different data is refused."""
+    data = tmp_path / "ds"
+    shutil.copytree(dataset_path, data)
+    victim_rel = json.loads((data / "manifest.json").read_text())["splits"]["train"][1]["path"]
+    victim = data / victim_rel
+    original = victim.read_bytes()
+    flipped = bytearray(original)
+    flipped[100] ^= 0x01
+    victim.write_bytes(bytes(flipped))
+    overrides = {"data.on_corrupt_shard": "skip", "trainer.max_steps": 6, "checkpoint.interval": 3}
+
+    reference_cfg = write_config(tmp_path / "ref.yaml", str(data), tmp_path / "ref", **overrides)
+    out = run(train_command(0, reference_cfg))
+    assert f"warning: skipping shard {data / victim_rel}: sha256" in out.stdout
+    reference = metrics(tmp_path / "ref")
+
+    cfg = write_config(tmp_path / "c.yaml", str(data), tmp_path / "run", **overrides)
+    run(train_command(0, cfg, "trainer.stop_at_step=3"))
+    state = json.loads((tmp_path / "run/checkpoints/step_00000003/trainer_state.json").read_text())
+    assert state["skipped_shards"] == [victim_rel]
+    run(train_command(0, cfg))
+    resumed = metrics(tmp_path / "run")
+    for key in ("windows_hash", "loss_hex"):
+        assert [resumed[s][key] for s in range(1, 7)] == [reference[s][key] for s in range(1, 7)]
+
+    victim.write_bytes(original)  # repaired: the same checkpoint would now see one more shard
+    refused = run(train_command(0, cfg, "trainer.max_steps=8"), check=False)
+    assert refused.returncode != 0 and "the checkpoint skipped shards" in refused.stderr
+    assert max(metrics(tmp_path / "run")) == 6  # nothing written by the refused attempt
