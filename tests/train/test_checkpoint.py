@@ -184,3 +184,28 @@ def test_skipped_corrupt_shard_is_logged_checkpointed_and_resumed_identically(tm
     refused = run(train_command(0, cfg, "trainer.max_steps=8"), check=False)
     assert refused.returncode != 0 and "the checkpoint skipped shards" in refused.stderr
     assert max(metrics(tmp_path / "run")) == 6  # nothing written by the refused attempt
+
+
+@pytest.fixture(scope="module")
+def curriculum_reference(tmp_path_factory, dataset_path):
+    root = tmp_path_factory.mktemp("curriculum")
+    cfg = write_config(root / "c.yaml", dataset_path, root / "run", **CURRICULUM_RUN)
+    run(train_command(0, cfg))
+    return metrics(root / "run")
+
+
+CURRICULUM_RUN = {"trainer.max_steps": 7, "checkpoint.interval": 0,
+                  "curriculum": {"phases": [{"seq_len": 16, "until_tokens": 4 * 2048}, {"seq_len": 64}]}}
+
+
+@pytest.mark.parametrize("stop", [4, 5])
+def test_resume_at_a_curriculum_switch_is_bitwise(tmp_path, dataset_path, curriculum_reference, stop):
+    """RELIABILITY R15: saved on the last step of a phase (4) and on the first of the next (5)."""
+    assert [curriculum_reference[s]["seq_len"] for s in range(1, 8)] == [16] * 4 + [64] * 3
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **CURRICULUM_RUN)
+    run(train_command(0, cfg, f"trainer.stop_at_step={stop}"))
+    run(train_command(0, cfg))
+    resumed = metrics(tmp_path / "run")
+    for key in ("seq_len", "tokens", "windows_hash", "loss_hex", "lr"):
+        assert [resumed[s][key] for s in range(stop + 1, 8)] == [curriculum_reference[s][key]
+                                                                  for s in range(stop + 1, 8)], key
