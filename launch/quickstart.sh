@@ -14,9 +14,10 @@ mkdir -p "$DATA"
 if [ ! -f "$DATA/tokenizer.model" ]; then
   tape-pretrain tokenizer train --input builtin:python-stdlib --vocab-size 4096 --out "$DATA/tokenizer.model"
 fi
-# Stands in for a bucket: any fsspec URL works here (s3://..., gs://...).
+# Stands in for a bucket: any fsspec URL works here (s3://..., gs://...). A finished, identical dataset is
+# reused as is; --overwrite rebuilds this derived data if a newer tape-pretrain prepares it differently.
 tape-pretrain prep --input builtin:python-stdlib --tokenizer "$DATA/tokenizer.model" --out "$DATA/dataset" \
-  --workers 2 --val-fraction 0.02 --shard-tokens 2000000
+  --workers 2 --val-fraction 0.02 --shard-tokens 2000000 --overwrite
 
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 launch() {
