@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 
 import torch
 
 from tape_pretrain.config import ConfigError, RunConfig
 from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
-from tape_pretrain.distributed.env import DistEnv
+from tape_pretrain.distributed.env import DistEnv, barrier
 from tape_pretrain.errors import CheckpointError
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -95,20 +96,27 @@ class DeepSpeedEngine(Engine):
         return self.engine(inputs)
 
     def _to_universal(self, directory: str) -> str:
-        """Convert a checkpoint saved on another data-parallel size to DeepSpeed's universal format (rank 0
-        converts into a local temp folder next to it; every rank then loads it, resharded)."""
+        """Convert a checkpoint saved on another data-parallel size to DeepSpeed's universal format. Each node's
+        leader converts into RUN_DIR/.universal/ (never inside the checkpoint, whose files.json must keep
+        verifying); every rank then loads it, resharded, and load() removes it."""
+        import socket
         import subprocess
         import sys
 
-        from tape_pretrain.distributed.env import barrier
-
-        out = os.path.join(os.path.dirname(directory), "engine_universal")
-        if self.env.local_rank == 0 and not os.path.isdir(os.path.join(out, "engine", "zero")):
+        step_dir = os.path.dirname(os.path.abspath(directory))  # RUN_DIR/checkpoints/step_N
+        run_dir = os.path.dirname(os.path.dirname(step_dir))
+        out = os.path.join(run_dir, ".universal", f"{os.path.basename(step_dir)}-{socket.gethostname()}")
+        if self.env.local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
             # In a fresh process: the converter must not issue collectives on this job's process group.
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
-                            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                           check=True, capture_output=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
+                 "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                capture_output=True, text=True)
+            if result.returncode != 0:
+                tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise CheckpointError(f"{step_dir}: DeepSpeed's universal conversion failed: {tail[0]}")
         barrier(self.env)
         return out
 
@@ -121,19 +129,25 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(directory, tag="engine", save_latest=False)
 
     def load(self, directory, saved_world_size):
-        if saved_world_size != self.env.world_size:
-            if self.config.parallel.zero_stage == 3:
-                # Measured: the universal conversion loads, but losses then drift 1e-3 from the uninterrupted
-                # run (optimizer state not restored faithfully): refuse rather than diverge silently.
-                raise CheckpointError(
-                    f"a ZeRO-3 checkpoint saved on {saved_world_size} rank(s) cannot resume on {self.env.world_size}: "
-                    "resume on the same world size, or `tape-pretrain export` it and start with model.init_from")
-            directory = self._to_universal(directory)
+        universal = saved_world_size != self.env.world_size
+        if universal:
+            directory = converted = self._to_universal(directory)
             self.engine._config.load_universal_checkpoint = True
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}/engine")
+        if universal:
+            # ZeRO-3's universal loader gives every param group the hyperparameters of group 0, so the no-decay
+            # group (norms, and embeddings unless optim.decay_embeddings) would be weight-decayed: losses drifted
+            # by 1e-3 within 3 steps. The hyperparameters come from our config: put them back.
+            for group, saved in zip(self.optimizer.param_groups, hyperparameters):
+                group.update(saved)
+            self.engine._config.load_universal_checkpoint = False
+            barrier(self.env)
+            if self.env.local_rank == 0:
+                shutil.rmtree(converted, ignore_errors=True)
 
 
 def consolidate_checkpoint(engine_dir: str) -> dict[str, torch.Tensor]:

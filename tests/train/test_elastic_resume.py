@@ -3,6 +3,7 @@ order, losses within 1e-5 of an uninterrupted run (bitwise is not promised acros
 
 import pytest
 
+from tape_pretrain.train.checkpoint import verify_checkpoint
 from tests.helpers import metrics, run, train_command, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -27,6 +28,9 @@ def test_resume_on_another_world_size(tmp_path, dataset_path, engine, before, af
     run(train_command(before, cfg, "trainer.stop_at_step=4"))
     out = run(train_command(after, cfg))
     assert f"saved by {before} rank(s)" in out.stdout
+    # the conversion neither altered the checkpoint it read (it must keep verifying) nor left files behind
+    verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")
+    assert not list((tmp_path / "run").glob(".universal/*"))
     resumed = metrics(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
