@@ -139,9 +139,14 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}/engine")
         if universal:
-            # ZeRO-3's universal loader gives every param group the hyperparameters of group 0, so the no-decay
-            # group (norms, and embeddings unless optim.decay_embeddings) would be weight-decayed: losses drifted
-            # by 1e-3 within 3 steps. The hyperparameters come from our config: put them back.
+            # Two repairs after ZeRO-3's universal loader (losses drifted 1e-3 from the uninterrupted run within
+            # 3 steps without them). It stores ONE step tensor in every sub-group's state, and AdamW increments it
+            # in place once per sub-group per step, so the bias correction of every group after the first ran
+            # ahead: give each state its own copy. And it gives every param group the hyperparameters of group 0
+            # (the no-decay group would be weight-decayed); ours come from the config: put them back.
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
             for group, saved in zip(self.optimizer.param_groups, hyperparameters):
                 group.update(saved)
             self.engine._config.load_universal_checkpoint = False

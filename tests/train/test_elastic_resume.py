@@ -17,7 +17,7 @@ def config(tmp_path, dataset, name, engine):
         "parallel.engine": engine_name, "parallel.zero_stage": stage, "trainer.max_steps": 8})
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(tmp_path, dataset_path, engine, before, after):
     reference_cfg = config(tmp_path, dataset_path, "reference", engine)
@@ -37,11 +37,3 @@ def test_resume_on_another_world_size(tmp_path, dataset_path, engine, before, af
         assert resumed[step]["windows_hash"] == reference[step]["windows_hash"]
         assert resumed[step]["lr"] == reference[step]["lr"]
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
-
-
-def test_zero3_on_another_world_size_is_refused(tmp_path, dataset_path):
-    cfg = config(tmp_path, dataset_path, "run", "zero3")
-    run(train_command(2, cfg, "trainer.stop_at_step=2"))
-    out = run(train_command(1, cfg), check=False)
-    assert out.returncode != 0
-    assert "ZeRO-3 checkpoint saved on 2 rank(s) cannot resume on 1" in out.stderr
