@@ -191,9 +191,15 @@ class CheckpointManager:
                     print(f"warning: skipping checkpoint {directory.name}: {exc}")
         return None
 
+    def _is_complete(self, step: int) -> bool:
+        """COMPLETE where the run lives: for a remote run, older checkpoints may exist only remotely (a resume
+        on a fresh machine stages just the one it loads), and must still count towards keep_last."""
+        rel = f"checkpoints/{step_dir_name(step)}/{COMPLETE}"
+        return self.run_dir.exists_remote(rel) if self.run_dir.is_remote else (self.run_dir.local / rel).exists()
+
     def apply_retention(self, protect: int) -> None:
         """Keep the newest keep_last complete checkpoints (and every keep_every-th); never the one just written."""
-        complete = [s for s in self.steps() if (self.root / step_dir_name(s) / COMPLETE).exists()]
+        complete = [s for s in self.steps() if self._is_complete(s)]
         keep = set(complete[-self.keep_last:]) | {protect}
         if self.keep_every:
             keep |= {s for s in complete if s % self.keep_every == 0}

@@ -47,6 +47,9 @@ class RunDirectory:
                     raise TransferCorrupt(f"uploaded {local.stat().st_size} bytes, the store holds {stored}")
             with_retries(put, f"{redact_text(self.url)}/{rel}")
 
+    def exists_remote(self, rel: str) -> bool:
+        return exists(self.fs, self.remote_path(rel))
+
     def list_remote(self, rel: str) -> list[str]:
         """Names directly under a remote folder (fresh listing: caches can hide a just-written checkpoint)."""
         path = self.remote_path(rel)

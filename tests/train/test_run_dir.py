@@ -36,3 +36,14 @@ def test_reader_sees_a_checkpoint_committed_by_another_process(tmp_path, s3_env,
     cached = reader.fs.ls(reader.remote_path("checkpoints"), detail=False)
     assert not any(p.endswith("step_00000030") for p in cached), "premise: the reader's cached listing is stale"
     assert manager.steps() == [10, 30]
+
+
+def test_retention_of_a_remote_run_counts_checkpoints_not_staged_here(tmp_path, s3_env, cli_env):
+    """A resume on a fresh machine stages only the checkpoint it loads; keep_last still counts the remote ones."""
+    url = f"s3://{s3_env}/run"
+    for step in (2, 4, 6, 8):
+        commit_in_another_process(url, tmp_path / f"writer{step}", f"step_{step:08d}", cli_env)
+    fresh = RunDirectory(url, staging_root=str(tmp_path / "fresh"))
+    manager = CheckpointManager(fresh, DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo"), keep_last=3)
+    manager.apply_retention(protect=8)
+    assert manager.steps() == [4, 6, 8]
