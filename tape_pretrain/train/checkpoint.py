@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tape_pretrain.distributed.env import DistEnv, all_agree_all, all_gather_objects, barrier
-from tape_pretrain.errors import CheckpointError
+from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.train.run_dir import RunDirectory
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -117,8 +117,11 @@ class CheckpointManager:
         name = step_dir_name(step)
         directory = self.root / name
         if self.env.is_main:
-            if directory.exists():  # a leftover of an interrupted save of the same step
+            # A leftover of an interrupted save of the same step (here, or half-uploaded to a remote run
+            # directory): its files must not mix with the new ones, or the checkpoint would fail verification.
+            if directory.exists():
                 shutil.rmtree(directory)
+            self.run_dir.remove_remote(f"checkpoints/{name}")
             directory.mkdir(parents=True)
         barrier(self.env)
         # other nodes: the same directory on a shared filesystem, or their own staging copy
@@ -213,7 +216,7 @@ class CheckpointManager:
                 (directory / COMPLETE).unlink(missing_ok=True)  # no longer a candidate, even if rmtree fails
                 if directory.exists():
                     shutil.rmtree(directory)
-            except OSError as exc:
+            except (OSError, StorageError) as exc:  # retention must never stop training
                 print(f"warning: could not delete old checkpoint {directory}: {exc}")
 
     def load_rng(self, directory: Path) -> None:

@@ -85,4 +85,4 @@ class RunDirectory:
         if self.is_remote:
             path = self.remote_path(rel)
             if exists(self.fs, path):
-                self.fs.rm(path, recursive=True)
+                with_retries(lambda: self.fs.rm(path, recursive=True), path)

@@ -141,9 +141,14 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
         "checkpoint.staging_dir": str(tmp_path / "staging")})
     run(train_command(0, cfg, "trainer.stop_at_step=4"))
     shutil.rmtree(tmp_path / "staging")
-    out = run(train_command(0, cfg))
-    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
     fs = s3fs.S3FileSystem()
+    leftover = f"{s3_env}/runs/r1/checkpoints/step_00000006/engine/leftover.bin"
+    fs.pipe(leftover, b"an upload of step 6 interrupted before COMPLETE")
+    out = run(train_command(0, cfg))
+    assert "skipping checkpoint step_00000006" in out.stdout  # no COMPLETE: not a candidate
+    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    fs.invalidate_cache()
+    assert not fs.exists(leftover)  # the new step 6 replaced the partial one instead of mixing with it
     remote = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_env}/runs/r1/checkpoints")}
     assert {"step_00000006", "step_00000008"} <= remote
     assert fs.exists(f"{s3_env}/runs/r1/checkpoints/step_00000008/COMPLETE")
