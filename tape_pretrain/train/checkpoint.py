@@ -186,6 +186,13 @@ class CheckpointManager:
             directory = Path(explicit)
             return directory, verify_checkpoint(directory, self.allow_group_writable)
         for step in reversed(self.steps()):
+            if self.run_dir.is_remote and not all_agree_all(self._is_complete(step), self.env):
+                # never download an interrupted upload (it can be most of a large checkpoint) just to reject it;
+                # every rank takes the same branch (the download below has a barrier)
+                if self.env.is_main:
+                    print(f"warning: skipping checkpoint {step_dir_name(step)}: no {COMPLETE} marker in the store "
+                          "(interrupted save)")
+                continue
             directory = self._localise(step)
             try:
                 return directory, verify_checkpoint(directory, self.allow_group_writable)

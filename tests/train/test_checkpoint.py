@@ -145,7 +145,7 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
     leftover = f"{s3_env}/runs/r1/checkpoints/step_00000006/engine/leftover.bin"
     fs.pipe(leftover, b"an upload of step 6 interrupted before COMPLETE")
     out = run(train_command(0, cfg))
-    assert "skipping checkpoint step_00000006" in out.stdout  # no COMPLETE: not a candidate
+    assert "skipping checkpoint step_00000006: no COMPLETE marker in the store" in out.stdout  # not downloaded
     assert "resumed from" in out.stdout and "step_00000004" in out.stdout
     fs.invalidate_cache()
     assert not fs.exists(leftover)  # the new step 6 replaced the partial one instead of mixing with it
