@@ -131,7 +131,8 @@ def test_resume_false_refuses_to_overwrite(tmp_path, dataset_path):
     assert out.returncode == 2 and "already has checkpoints and checkpoint.resume=false" in out.stderr
 
 
-def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, reference, s3_env):
+@pytest.mark.parametrize("nproc", [0, 2])
+def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, reference, s3_env, nproc):
     """run_dir on an S3-compatible server: the staging copy is deleted, so the resume must come from S3."""
     import s3fs
 
@@ -139,12 +140,12 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
     cfg = write_config(tmp_path / "c.yaml", dataset_path, url, **{
         "trainer.max_steps": 8, "checkpoint.interval": 2,
         "checkpoint.staging_dir": str(tmp_path / "staging")})
-    run(train_command(0, cfg, "trainer.stop_at_step=4"))
+    run(train_command(nproc, cfg, "trainer.stop_at_step=4"))
     shutil.rmtree(tmp_path / "staging")
     fs = s3fs.S3FileSystem()
     leftover = f"{s3_env}/runs/r1/checkpoints/step_00000006/engine/leftover.bin"
     fs.pipe(leftover, b"an upload of step 6 interrupted before COMPLETE")
-    out = run(train_command(0, cfg))
+    out = run(train_command(nproc, cfg))
     assert "skipping checkpoint step_00000006: no COMPLETE marker in the store" in out.stdout  # not downloaded
     assert "resumed from" in out.stdout and "step_00000004" in out.stdout
     fs.invalidate_cache()
@@ -155,7 +156,12 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
     assert fs.exists(f"{s3_env}/runs/r1/export/model.safetensors")
     lines = [json.loads(x) for x in fs.cat_file(f"{s3_env}/runs/r1/metrics.jsonl").decode().splitlines()]
     resumed = {r["step"]: r for r in lines if "loss" in r}
-    assert [resumed[s]["loss_hex"] for s in range(1, 9)] == [reference[s]["loss_hex"] for s in range(1, 9)]
+    assert [resumed[s]["windows_hash"] for s in range(1, 9)] == [reference[s]["windows_hash"] for s in range(1, 9)]
+    if nproc == 0:
+        assert [resumed[s]["loss_hex"] for s in range(1, 9)] == [reference[s]["loss_hex"] for s in range(1, 9)]
+    else:  # two ranks reduce gradients in another order than one: equal up to rounding
+        for step in range(1, 9):
+            assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
 
 
 def test_skipped_corrupt_shard_is_logged_checkpointed_and_resumed_identically(tmp_path, dataset_path):
