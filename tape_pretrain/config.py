@@ -349,17 +349,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise ConfigError(f"override {item!r}: {key!r} is not a dotted key")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        try:
+            set_dotted(data, key, _parse_scalar(raw))
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for the key ``a.b.c``, creating the sections that are missing."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

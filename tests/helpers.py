@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from tape_pretrain.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,11 +48,7 @@ def write_config(path: Path, dataset: str, run_dir: Path, **overrides) -> Path:
         "checkpoint": {"interval": 0, "keep_last": 3},
     }
     for key, value in overrides.items():
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(config, key, value)
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tape_pretrain.config import ModelConfig, PositionalConfig, RunConfig, from_dict, load_config
+from tape_pretrain.config import ModelConfig, PositionalConfig, RunConfig, from_dict, load_config, set_dotted
 from tape_pretrain.study.report import write_report
 from tape_pretrain.study.spec import StudySpec, load_study
 
@@ -28,11 +28,7 @@ def _merge(base: dict, update: dict) -> dict:
 def _nested(dotted: dict[str, Any]) -> dict:
     out: dict = {}
     for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 
