@@ -35,6 +35,17 @@ def _collect(spec: StudySpec, root: Path) -> list[dict]:
     return rows
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, path: Path, legend_size: float | None = None) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def power_law_fit(parameters: list[float], losses: list[float]) -> tuple[float, float] | None:
     """(a, b) of loss = a * N^-b, least squares in log-log space; None with fewer than 2 sizes."""
     if len(set(parameters)) < 2:
@@ -75,12 +86,7 @@ def write_report(spec: StudySpec, root: Path) -> Path:
     for r in rows:
         tokens, losses = zip(*r["curve"])
         ax.plot(tokens, losses, label=r["name"])
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("train loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "loss_vs_tokens.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "tokens", "train loss", root / "loss_vs_tokens.png", legend_size=7)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -88,12 +94,7 @@ def write_report(spec: StudySpec, root: Path) -> Path:
                 linestyle="-" if r["encoding"] == "tape" else "--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "perplexity_vs_length.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "evaluation length (tokens)", "perplexity", root / "perplexity_vs_length.png", legend_size=7)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for encoding in spec.encodings:
@@ -106,10 +107,5 @@ def write_report(spec: StudySpec, root: Path) -> Path:
             xs = np.geomspace(min(r["parameters"] for r in mine), max(r["parameters"] for r in mine), 20)
             ax.plot(xs, a * xs ** -b, linestyle=":")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("final val loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "loss_vs_parameters.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "parameters", "final val loss", root / "loss_vs_parameters.png")
     return root / "RESULTS.md"
