@@ -209,11 +209,12 @@ class CheckpointManager:
 
     def apply_retention(self, protect: int) -> None:
         """Keep the newest keep_last complete checkpoints (and every keep_every-th); never the one just written."""
-        complete = [s for s in self.steps() if self._is_complete(s)]
+        steps = self.steps()  # one listing (a remote one costs a round trip)
+        complete = [s for s in steps if self._is_complete(s)]
         keep = set(complete[-self.keep_last:]) | {protect}
         if self.keep_every:
             keep |= {s for s in complete if s % self.keep_every == 0}
-        for step in self.steps():
+        for step in steps:
             if step in keep or step > protect:
                 continue
             directory = self.root / step_dir_name(step)

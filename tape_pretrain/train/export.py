@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tape_pretrain.config import ModelConfig, PositionalConfig, from_dict, to_dict
+from tape_pretrain.distributed.env import DistEnv
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models import Transformer, build_model
 from tape_pretrain.models.convert import to_hf_llama
+from tape_pretrain.train.checkpoint import COMPLETE, CheckpointManager, verify_checkpoint
+from tape_pretrain.train.run_dir import RunDirectory
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 
@@ -65,28 +69,28 @@ def load_export_weights(model: Transformer, directory: str) -> None:
         raise CheckpointError(f"{directory}: weights do not fit the model config: {exc}") from None
 
 
-def _newest_verified(checkpoints: Path) -> tuple[Path, dict]:
-    """The newest checkpoint that verifies, as training's resume picks it (a damaged newest one is skipped)."""
-    from tape_pretrain.train.checkpoint import STEP_DIR, verify_checkpoint
-
-    for candidate in sorted((p for p in checkpoints.iterdir() if STEP_DIR.match(p.name)), reverse=True):
-        try:
-            return candidate, verify_checkpoint(candidate)
-        except CheckpointError as exc:
-            print(f"warning: skipping checkpoint {candidate.name}: {exc}")
-    raise CheckpointError(f"{checkpoints}: no complete checkpoint")
+def _find_checkpoint(checkpoint: str, staging_root: str) -> tuple[Path, dict]:
+    """A checkpoint directory as given, or a run directory's (local or remote) newest one that verifies, picked
+    exactly as training's resume picks it; a remote one is downloaded under staging_root."""
+    path = Path(checkpoint)
+    is_run_dir = "://" in checkpoint or (not (path / COMPLETE).exists() and (path / "checkpoints").is_dir())
+    if not is_run_dir:
+        return path, verify_checkpoint(path)
+    one_process = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    found = CheckpointManager(RunDirectory(checkpoint, staging_root=staging_root), one_process).latest_valid()
+    if found is None:
+        raise CheckpointError(f"{checkpoint}: no complete checkpoint")
+    return found
 
 
 def export_checkpoint(checkpoint: str, out: str) -> None:
     """Export a checkpoint directory (or a run directory: its newest complete checkpoint), whatever its engine
     and world size, to a consolidated export. Files are verified against files.json before anything loads."""
-    from tape_pretrain.train.checkpoint import COMPLETE, verify_checkpoint
+    with tempfile.TemporaryDirectory(prefix="tape_pretrain_export_") as staging:
+        _export(*_find_checkpoint(checkpoint, staging), out)
 
-    path = Path(checkpoint)
-    if not (path / COMPLETE).exists() and (path / "checkpoints").is_dir():
-        path, state = _newest_verified(path / "checkpoints")
-    else:
-        state = verify_checkpoint(path)
+
+def _export(path: Path, state: dict, out: str) -> None:
     raw = dict(state["model"])
     raw["positional"] = PositionalConfig(**raw["positional"])
     model_config = from_dict(ModelConfig, raw)

@@ -154,6 +154,8 @@ def test_remote_run_dir_resumes_like_a_local_one(tmp_path, dataset_path, referen
     assert {"step_00000006", "step_00000008"} <= remote
     assert fs.exists(f"{s3_env}/runs/r1/checkpoints/step_00000008/COMPLETE")
     assert fs.exists(f"{s3_env}/runs/r1/export/model.safetensors")
+    exported = run([sys.executable, "-m", "tape_pretrain.cli", "export", url, "--out", str(tmp_path / "x")])
+    assert "(step 8," in exported.stdout and (tmp_path / "x" / "model.safetensors").is_file()
     lines = [json.loads(x) for x in fs.cat_file(f"{s3_env}/runs/r1/metrics.jsonl").decode().splitlines()]
     resumed = {r["step"]: r for r in lines if "loss" in r}
     assert [resumed[s]["windows_hash"] for s in range(1, 9)] == [reference[s]["windows_hash"] for s in range(1, 9)]
