@@ -53,6 +53,8 @@ def with_retries(operation: Callable[[], T], what: str, attempts: int | None = N
             return operation()
         except FileNotFoundError:
             raise
+        except PermissionError as exc:  # permanent (credentials, bucket policy): retrying only delays the error
+            raise StorageError(f"{redact_url(what)}: permission denied: {exc}") from None
         except transient as exc:
             if attempt == attempts:
                 raise StorageError(f"{redact_url(what)}: failed after {attempts} attempts: "
