@@ -23,14 +23,14 @@ from tape_pretrain.errors import CheckpointError, DataError
 class TokenWindows:
     """Random access to windows of ``window_len + 1`` tokens over the concatenated shards (memory-mapped)."""
 
-    def __init__(self, split: CachedSplit, dtype: str, window_len: int):
+    def __init__(self, split: CachedSplit, dtype: str, window_len: int, where: str = "the split"):
         self.arrays = [np.memmap(s.path, dtype=dtype, mode="r") for s in split.shards]
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.window_len = window_len
         total = int(self.starts[-1])
         self.num_windows = (total - 1) // window_len if total > 1 else 0
         if self.num_windows == 0:
-            raise DataError(f"split has {total} tokens: too few for one window of {window_len + 1}")
+            raise DataError(f"{where} has {total:,} tokens, too few for one window of length {window_len:,}")
 
     @property
     def num_tokens(self) -> int:

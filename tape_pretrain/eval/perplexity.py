@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import TokenWindows
 from tape_pretrain.data.manifest import load_manifest
-from tape_pretrain.errors import DataError
 
 
 @torch.no_grad()
@@ -56,10 +55,8 @@ def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, m
                      world_size: int = 1) -> dict[int, dict]:
     manifest, fp = load_manifest(data_url, storage_options)
     split = cache_split(data_url, manifest, fp, "val", cache_dir, storage_options)
-    too_long = [n for n in lengths if n >= split.num_tokens]
-    if too_long:
-        raise DataError(f"{data_url}: the val split has {split.num_tokens:,} tokens, too few for one window of "
-                        f"length {too_long[0]:,}; use shorter --lengths or a larger --val-fraction in prep")
-    return {length: perplexity(model, TokenWindows(split, manifest.dtype, length), max_tokens, batch_size, device,
-                               stride=min(stride, length) if stride else None, rank=rank, world_size=world_size)
-            for length in lengths}
+    # every length's windows first: a length the split cannot hold fails before any evaluation runs
+    windows = {n: TokenWindows(split, manifest.dtype, n, where=f"{data_url}: the val split") for n in lengths}
+    return {n: perplexity(model, w, max_tokens, batch_size, device, stride=min(stride, n) if stride else None,
+                          rank=rank, world_size=world_size)
+            for n, w in windows.items()}

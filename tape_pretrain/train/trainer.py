@@ -85,9 +85,10 @@ class Trainer:
 
         train_split = self._cache("train")
         self.skipped_shards = train_split.skipped
-        self.loader = GlobalBatchLoader(TokenWindows(train_split, manifest.dtype, t.seq_len), self.fingerprint,
-                                        config.seed, self.global_windows, env.rank, env.world_size,
-                                        prefetch=config.data.prefetch_batches)
+        train_windows = TokenWindows(train_split, manifest.dtype, t.seq_len,
+                                     where=f"{config.data.path}: the train split")
+        self.loader = GlobalBatchLoader(train_windows, self.fingerprint, config.seed, self.global_windows, env.rank,
+                                        env.world_size, prefetch=config.data.prefetch_batches)
         val_split = self._cache("val")
         self.val_windows = TokenWindows(val_split, manifest.dtype, t.seq_len) if val_split.num_tokens > t.seq_len \
             else None
