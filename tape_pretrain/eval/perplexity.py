@@ -31,7 +31,8 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
     count = max(1, min(last_start // stride + 1, max_tokens // stride))
     starts = np.arange(count, dtype=np.int64) * stride
     mine = np.arange(rank, count, world_size)
-    sums = torch.zeros(2, dtype=torch.float64)
+    # on the model's device: no host sync per batch, and NCCL (GPU) can only all-reduce device tensors
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for first in range(0, len(mine), batch_size):
         batch_ids = mine[first:first + batch_size]
         tokens = torch.from_numpy(windows.gather_spans(starts[batch_ids])).to(device)
@@ -40,7 +41,7 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
         losses = losses.view(len(batch_ids), length)
         scored = torch.full((len(batch_ids), length), True, device=losses.device)
         scored[torch.from_numpy(batch_ids) > 0, : length - stride] = False
-        sums += torch.tensor([float(losses[scored].double().sum()), int(scored.sum())], dtype=torch.float64)
+        sums += torch.stack([losses[scored].double().sum(), scored.sum().double()])
     if world_size > 1:
         import torch.distributed as dist
 

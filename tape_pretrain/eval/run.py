@@ -23,18 +23,23 @@ def evaluate_command(args) -> dict:
         raise ConfigError(f"--lengths {args.lengths!r} must be positive integers")
     import os
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # under torchrun: every rank scores a share of the windows
+    env = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank scores a share of the windows
         from tape_pretrain.distributed.env import init_distributed
 
         env = init_distributed()
-        device, rank, world = env.device, env.rank, env.world_size
-    else:
-        device, rank, world = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+    device, rank, world = ((env.device, env.rank, env.world_size) if env is not None else
+                           (torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1))
     model = load_export_model(str(export)).to(device)
-    results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
-                               args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
-                               world_size=world)
+    try:
+        results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
+                                   args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
+                                   world_size=world)
+    finally:
+        if env is not None:
+            from tape_pretrain.distributed.env import shutdown
+
+            shutdown()  # a process group left to interpreter exit can abort the process (SIGABRT in gloo)
     if rank != 0:
         return results
     table = ["| length | loss | perplexity | tokens |", "|---:|---:|---:|---:|"]

@@ -50,3 +50,22 @@ def test_perplexity_is_exp_of_the_mean_token_loss(rope_run, dataset_path, tmp_pa
     expected = math.exp(torch.cat(losses).double().mean().item())
     assert result["tokens"] == 5 * 32
     assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_under_torchrun_equals_one_process(rope_run, dataset_path, tmp_path):
+    """Two ranks each score every other window (sliding, stride 16) and all-reduce: the same tokens and loss."""
+    import json
+    import sys
+
+    from tape_pretrain.distributed.env import free_port
+
+    args = ["-m", "tape_pretrain.cli", "eval", str(rope_run / "export"), "--data", dataset_path,
+            "--lengths", "32,64", "--stride", "16", "--max-tokens", "2000"]
+    run([sys.executable, *args, "--out", str(tmp_path / "one")])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args, "--out", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "eval.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    for length in ("32", "64"):
+        assert two[length]["tokens"] == one[length]["tokens"] > 1000
+        assert two[length]["loss"] == pytest.approx(one[length]["loss"], rel=1e-9)
