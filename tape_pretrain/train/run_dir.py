@@ -61,25 +61,31 @@ class RunDirectory:
 
     def download_tree(self, rel: str) -> None:
         """Mirror a remote folder into the staging directory (files already present with the same size are kept)."""
-        base = self.remote_path(rel)
+        base = self.remote_path(rel).rstrip("/")
         self.fs.invalidate_cache(base)
         listing = with_retries(lambda: self.fs.find(base, detail=True), f"{redact_text(self.url)}/{rel}")
         for path, info in listing.items():
-            sub = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/")) else path.rsplit("/", 1)[-1]
+            sub = path[len(base) + 1:] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
             target = self.local / rel / sub
-            if target.exists() and target.stat().st_size == info.get("size"):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + f".part{os.getpid()}")
+            if not (target.exists() and target.stat().st_size == info.get("size")):
+                self._get(path, target, info.get("size"))
 
-            size = info.get("size")
+    def download(self, rel: str) -> None:
+        """Copy one remote file over its staging copy."""
+        path = self.remote_path(rel)
+        self._get(path, self.local / rel, with_retries(lambda: self.fs.info(path), path).get("size"))
 
-            def get(path=path, tmp=tmp, size=size):
-                self.fs.get_file(path, str(tmp))
-                if size is not None and tmp.stat().st_size != size:
-                    raise TransferCorrupt(f"downloaded {tmp.stat().st_size} of {size} bytes")
-            with_retries(get, path)
-            tmp.replace(target)
+    def _get(self, path: str, target: Path, size: int | None) -> None:
+        """Download with retries into a private temp name, checked against the stored size, then renamed."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".part{os.getpid()}")
+
+        def get():
+            self.fs.get_file(path, str(tmp))
+            if size is not None and tmp.stat().st_size != size:
+                raise TransferCorrupt(f"downloaded {tmp.stat().st_size} of {size} bytes")
+        with_retries(get, path)
+        tmp.replace(target)
 
     def remove_remote(self, rel: str) -> None:
         if self.is_remote:

@@ -111,8 +111,8 @@ class Trainer:
         self.metrics = None
         if env.is_main:
             remote = self.run_directory
-            if remote.is_remote and self.step and "metrics.jsonl" in remote.list_remote(""):
-                remote.fs.get_file(remote.remote_path("metrics.jsonl"), str(self.run_dir / "metrics.jsonl"))
+            if remote.is_remote and self.step and remote.exists_remote("metrics.jsonl"):
+                remote.download("metrics.jsonl")  # the history up to the checkpoint, on any machine
             self.metrics = MetricsWriter(self.run_dir, config.logging, to_dict(config),
                                          self.step if self.step else None, self.run_dir.name, wandb_id)
             (self.run_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))
