@@ -161,7 +161,7 @@ class TrainerConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) for bitwise-reproducible runs."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on CUDA, fp32 on CPU."""
+    """auto: bf16 on CUDA, fp32 on CPU. bf16 also runs on CPU (slowly; the tests use it to check bf16 numerics)."""
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None looks the GPU up in a table."""
     progress_bar: bool = True

@@ -16,6 +16,7 @@ from tape_pretrain.errors import CheckpointError
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param  # noqa: E402
 
 # `import deepspeed.comm.torch as m` would bind the torch package (an attribute of deepspeed.comm).
 _ds_comm = importlib.import_module("deepspeed.comm.torch")
@@ -28,15 +29,27 @@ if not torch.cuda.is_available():
 
 def deepspeed_config(config: RunConfig, env: DistEnv, grad_accum: int) -> dict:
     """Our config as DeepSpeed's, with a user JSON (parallel.deepspeed_config) merged over it."""
+    bf16 = compute_dtype(config, env) == torch.bfloat16
+    stage = config.parallel.zero_stage
     ds = {
         "train_micro_batch_size_per_gpu": config.trainer.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": config.parallel.zero_stage},
-        "bf16": {"enabled": compute_dtype(config, env) == torch.bfloat16},
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # DeepSpeed's bf16 defaults accumulate and all-reduce gradients in bf16 (8 significant bits: 16 summed
+        # micro-batches lose the small ones). Do both in fp32, as FSDP2's reduce_dtype does. ZeRO-0 has no fp32
+        # accumulation path in DeepSpeed (it raises NotImplementedError).
+        if stage == 0:
+            raise ConfigError("DeepSpeed ZeRO-0 in bf16 accumulates gradients in bf16 and keeps no fp32 master weights "
+                              "that can be set from the fp32 initialisation: use parallel.zero_stage=1 (the same "
+                              "memory on one GPU), the fsdp2 engine, or trainer.precision=fp32")
+        ds["communication_data_type"] = "fp32"
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if config.parallel.deepspeed_config:
         path = config.parallel.deepspeed_config
         try:
@@ -66,10 +79,23 @@ class DeepSpeedEngine(Engine):
         self.optimizer = torch.optim.AdamW(
             param_groups(model, config.optim.weight_decay, config.optim.decay_embeddings),
             lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=deepspeed_config(config, env, grad_accum),
-            dist_init_required=False)
+        ds_config = deepspeed_config(config, env, grad_accum)
+        self.bf16 = ds_config["bf16"]["enabled"]
+        # In bf16, initialize() casts the module (module.bfloat16()) before the optimizer copies its fp32 master
+        # weights from it, so training would start from bf16-rounded weights where FSDP2 starts from the exact
+        # fp32 ones. Hold the fp32 tensors (references, not copies) and put them back into the master copy.
+        initial = {name: p.data for name, p in model.named_parameters()} if self.bf16 else {}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
+                                                    dist_init_required=False)
         self.module = self.engine.module
+        self._frozen_fp32 = {}  # frozen parameters have no master copy: export writes them from here, unrounded
+        for name, param in self.module.named_parameters():
+            if name not in initial:
+                continue
+            if param.requires_grad:
+                safe_set_full_fp32_param(param, initial[name].to(param.device))
+            else:
+                self._frozen_fp32[name] = initial[name]
 
     def train_micro_step(self, inputs, labels, is_boundary):
         loss = lm_loss(self.engine(inputs), labels)
@@ -121,6 +147,13 @@ class DeepSpeedEngine(Engine):
         return out
 
     def full_state_dict(self):
+        if self.bf16:
+            # The fp32 master weights, not the bf16 module copy. Collective: every rank assembles every parameter.
+            state = {}
+            for name, param in self.module.named_parameters():
+                full = safe_get_full_fp32_param(param) if param.requires_grad else None
+                state[name] = full.cpu() if full is not None else self._frozen_fp32[name].cpu()
+            return state
         if self.config.parallel.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
         return self.engine.module.state_dict()

@@ -23,8 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (as Hugging Face Llama does) so bf16 activations keep their scale.
-        x32 = x.float()
+        # Normalise in at least fp32 (as Hugging Face Llama does) so bf16 activations keep their scale; an fp64
+        # model stays fp64 (its property tests hold to 1e-9).
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 

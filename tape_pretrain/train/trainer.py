@@ -61,6 +61,45 @@ def resolve_run_model_config(config: RunConfig, vocab_size: int):
     return resolve_model_config(model)
 
 
+def run_curriculum(config: RunConfig) -> Curriculum:
+    """The run's context-length curriculum (its fingerprint is part of the resume identity)."""
+    t = config.trainer
+    return Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
+
+
+def resume_identity(config: RunConfig, vocab_size: int) -> dict:
+    """What `Trainer.trainer_state` records of a run that a resumed run must match: the model, the global batch
+    and window length, the curriculum and the engine (compared by check_resume_compatible)."""
+    return {
+        "model": to_dict(dataclasses.replace(resolve_run_model_config(config, vocab_size), init_from=None)),
+        "global_batch_tokens": config.trainer.global_batch_tokens,
+        "seq_len": config.trainer.seq_len,
+        "curriculum": run_curriculum(config).fingerprint(),
+        "engine": config.parallel.engine,
+    }
+
+
+def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> None:
+    """Refuse to resume from a checkpoint whose trainer state `saved` differs from this run's resume identity
+    `current` (see resume_identity), except in the checks named in `allowed` (checkpoint.allow_changes).
+    The engine is never waived: its checkpoint format differs."""
+    if "model" not in allowed and saved["model"] != current["model"]:
+        diff = sorted(k for k in current["model"] if current["model"][k] != saved["model"].get(k))
+        raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
+                              "(add 'model' to checkpoint.allow_changes if intended)")
+    if "batch" not in allowed and (saved["global_batch_tokens"], saved["seq_len"]) != (
+            current["global_batch_tokens"], current["seq_len"]):
+        raise CheckpointError(
+            f"the checkpoint used global_batch_tokens={saved['global_batch_tokens']} seq_len={saved['seq_len']}; "
+            "this run differs (add 'batch' to checkpoint.allow_changes if intended)")
+    if "curriculum" not in allowed and saved["curriculum"] != current["curriculum"]:
+        raise CheckpointError("the checkpoint's curriculum differs from this run's "
+                              "(add 'curriculum' to checkpoint.allow_changes if intended)")
+    if saved["engine"] != current["engine"]:
+        raise CheckpointError(f"the checkpoint was written by {saved['engine']}, this run uses "
+                              f"{current['engine']}: export it and start with model.init_from")
+
+
 class Trainer:
     def __init__(self, config: RunConfig, env: DistEnv):
         self.config, self.env = config, env
@@ -92,7 +131,7 @@ class Trainer:
         val_split = self._cache("val")
         self.val_windows = TokenWindows(val_split, manifest.dtype, t.seq_len) if val_split.num_tokens > t.seq_len \
             else None
-        self.curriculum = Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
+        self.curriculum = run_curriculum(config)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
         model = build_model(self.model_config)
@@ -139,14 +178,10 @@ class Trainer:
             "step": self.step,
             "tokens": self.step * self.config.trainer.global_batch_tokens,
             "loader": self.loader.state_dict(),
-            "curriculum": self.curriculum.fingerprint(),
-            "global_batch_tokens": self.config.trainer.global_batch_tokens,
-            "seq_len": self.config.trainer.seq_len,
-            "model": to_dict(dataclasses.replace(self.model_config, init_from=None)),
+            **self.resume_identity(),  # model, global_batch_tokens, seq_len, curriculum, engine
             "data_fingerprint": self.fingerprint,
             "tokenizer_sha256": self.manifest.tokenizer["sha256"],
             "skipped_shards": self.skipped_shards,
-            "engine": self.config.parallel.engine,
             "world_size": self.env.world_size,
             "wandb_id": self.metrics.wandb_id if self.metrics else None,
             "git_revision": git_revision(),
@@ -178,24 +213,11 @@ class Trainer:
                   f"with {state['engine']})")
         return state.get("wandb_id")
 
+    def resume_identity(self) -> dict:
+        return resume_identity(self.config, int(self.manifest.tokenizer["vocab_size"]))
+
     def _check_compatible(self, state: dict) -> None:
-        allowed = set(self.config.checkpoint.allow_changes)
-        mine = to_dict(dataclasses.replace(self.model_config, init_from=None))
-        if "model" not in allowed and state["model"] != mine:
-            diff = sorted(k for k in mine if mine[k] != state["model"].get(k))
-            raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
-                                  "(add 'model' to checkpoint.allow_changes if intended)")
-        if "batch" not in allowed and (state["global_batch_tokens"], state["seq_len"]) != (
-                self.config.trainer.global_batch_tokens, self.config.trainer.seq_len):
-            raise CheckpointError(
-                f"the checkpoint used global_batch_tokens={state['global_batch_tokens']} seq_len={state['seq_len']}; "
-                "this run differs (add 'batch' to checkpoint.allow_changes if intended)")
-        if "curriculum" not in allowed and state["curriculum"] != self.curriculum.fingerprint():
-            raise CheckpointError("the checkpoint's curriculum differs from this run's "
-                                  "(add 'curriculum' to checkpoint.allow_changes if intended)")
-        if state["engine"] != self.config.parallel.engine:
-            raise CheckpointError(f"the checkpoint was written by {state['engine']}, this run uses "
-                                  f"{self.config.parallel.engine}: export it and start with model.init_from")
+        check_resume_compatible(state, self.resume_identity(), set(self.config.checkpoint.allow_changes))
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):

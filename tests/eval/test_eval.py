@@ -72,10 +72,50 @@ def test_passkey_scorer_accepts_exactly_the_key(answer, ok):
     assert score(answer, "12345") is ok
 
 
-def test_passkey_accuracy_runs_greedy_decoding(tokenizer_path):
+class CopyingModel(torch.nn.Module):
+    """Reads the key from its context and predicts it token by token: a perfect passkey retriever."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        super().__init__()
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+    def forward(self, tokens):
+        ids = tokens[0].tolist()
+        key = re.search(r"pass key is (\d+)", self.tokenizer.decode(ids)).group(1)
+        answer = self.tokenizer.processor.encode(f" {key}.")
+        done = max(k for k in range(len(answer)) if k == 0 or ids[-k:] == answer[:k])  # answer tokens already out
+        logits = torch.zeros(1, len(ids), self.vocab_size)
+        logits[0, -1, answer[done]] = 1.0
+        return logits
+
+
+class ConstantModel(torch.nn.Module):
+    """Ignores its context: always the same digit."""
+
+    def __init__(self, token: int, vocab_size: int):
+        super().__init__()
+        self.token, self.vocab_size = token, vocab_size
+
+    def forward(self, tokens):
+        logits = torch.zeros(1, tokens.shape[1], self.vocab_size)
+        logits[0, -1, self.token] = 1.0
+        return logits
+
+
+def test_passkey_accuracy_is_one_for_a_copying_model_and_zero_for_a_constant_one(tokenizer_path):
     tokenizer = Tokenizer.load(tokenizer_path)
-    accuracy = passkey_accuracy(small_model(), tokenizer, [64, 128], [0.5], trials=2, seed=1)
-    assert set(accuracy) == {(64, 0.5), (128, 0.5)} and all(0 <= a <= 1 for a in accuracy.values())
+    cells = dict(lengths=[64, 200], depths=[0.0, 0.5, 1.0], trials=3, seed=1)
+    copying = passkey_accuracy(CopyingModel(tokenizer, 512), tokenizer, **cells)
+    assert set(copying) == {(n, d) for n in (64, 200) for d in (0.0, 0.5, 1.0)}
+    assert all(a == 1.0 for a in copying.values()), copying
+    constant = passkey_accuracy(ConstantModel(tokenizer.processor.encode("7")[-1], 512), tokenizer, **cells)
+    assert all(a == 0.0 for a in constant.values()), constant
+
+
+def test_passkey_decoding_runs_the_real_model(tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    accuracy = passkey_accuracy(small_model(), tokenizer, [64], [0.5], trials=1, seed=1)
+    assert set(accuracy) == {(64, 0.5)} and accuracy[(64, 0.5)] in (0.0, 1.0)
 
 
 @pytest.mark.parametrize("name", ["tape", "rope"])

@@ -76,16 +76,24 @@ def test_alibi_bias_is_the_linear_penalty():
     assert bias[0, 1, 1, 3].item() == -math.inf
 
 
-def test_fire_bias_formula():
+@pytest.mark.parametrize("offset, scale", [(0, 1.0), (3, 0.01)])  # L~ = 512 (above every i), and L~ = 5.12
+def test_fire_bias_formula(offset, scale):
+    """Every (i, j) against the official formula, with psi(max(i, L~)) + eps as the normaliser, also past L~."""
     model = model_for("fire")
     layer = model.layers[0].positional
-    positions, mask = model.positional.initial_state(1, 6, "cpu", torch.float64)
-    bias = layer.bias(positions, None)[0]  # [H, N, N]
-    i, j = 5, 2
+    with torch.no_grad():
+        layer.threshold.fill_(scale)
+        for p in layer.mlp.parameters():
+            p.normal_(0, 1.0)
+    positions, _ = model.positional.initial_state(1, 8, "cpu", torch.float64, offset=offset)
+    bias = layer.bias(positions, None, torch.float64)[0]  # [H, N, N]
     c, limit = layer.c.item(), abs(layer.threshold.item() * 512.0)
-    x = math.log(abs(c * (i - j)) + 1) / math.log(abs(c * max(i, limit)) + 1)
-    expected = layer.mlp(torch.tensor([[x]], dtype=torch.float64))[0]
-    torch.testing.assert_close(bias[:, i, j], expected, **TOL)
+    for i in range(8):
+        for j in range(8):
+            pos_i, pos_j = i + offset, j + offset
+            x = math.log(abs(c * (pos_i - pos_j)) + 1) / (math.log(abs(c * max(pos_i, limit)) + 1) + 1e-6)
+            expected = layer.mlp(torch.tensor([[x]], dtype=torch.float64))[0]
+            torch.testing.assert_close(bias[:, i, j], expected, **TOL)
 
 
 def test_xpos_scales_q_up_and_k_down():

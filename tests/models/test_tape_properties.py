@@ -27,6 +27,8 @@ def tape_model(random_updates=True, seed=0, **overrides):
             for layer in model.layers:
                 layer.positional.post_attention_linear.weight.normal_(0, 0.3)
                 layer.positional.pe.up_proj.weight.normal_(0, 0.3)
+                layer.positional.pe.x_proj.weight.normal_(0, 0.3)  # large enough that negative controls fail
+                layer.positional.pe.down_proj.weight.normal_(0, 0.3)
     return model
 
 

@@ -1,5 +1,7 @@
 """LR schedules and the curriculum as pure functions; curriculum reshape keeps every token."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,15 +9,34 @@ from tape_pretrain.config import CurriculumConfig, CurriculumPhase, ScheduleConf
 from tape_pretrain.train.schedule import Curriculum, learning_rate
 
 
+def closed_form(name: str, step: int) -> float:
+    """The schedules of ScheduleConfig written out for peak 1, floor 0.1, 10 warmup steps of 100, WSD decay 0.2."""
+    if step < 10:
+        return (step + 1) / 10
+    progress = (step - 10) / 90
+    if name == "constant":
+        return 1.0
+    if name == "cosine":
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "linear":
+        return 1.0 - 0.9 * progress
+    return 1.0 if step < 80 else 1.0 - 0.9 * (step - 80) / 20  # wsd: stable, then the last 20 % decay linearly
+
+
 @pytest.mark.parametrize("name", ["cosine", "linear", "wsd", "constant"])
-def test_schedules_warm_up_then_end_at_the_floor(name):
-    s = ScheduleConfig(name=name, warmup_steps=10, min_lr_ratio=0.1)
-    lrs = [learning_rate(step, 100, 1.0, s) for step in range(101)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert max(lrs) == pytest.approx(1.0)
-    assert lrs[100] == pytest.approx(1.0 if name == "constant" else 0.1)
-    if name == "wsd":
-        assert lrs[79] == 1.0 and lrs[90] < 1.0
+def test_schedule_equals_its_closed_form_at_every_step(name):
+    s = ScheduleConfig(name=name, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    for step in range(101):
+        assert learning_rate(step, 100, 1.0, s) == pytest.approx(closed_form(name, step), rel=1e-12), step
+
+
+def test_interior_values_by_hand():
+    """A sixth of the way through the decay: cosine 0.1 + 0.45 (1 + cos(pi/6)), linear 1 - 0.9/6."""
+    values = {name: learning_rate(25, 100, 2.0, ScheduleConfig(name=name, warmup_steps=10, min_lr_ratio=0.1))
+              for name in ("cosine", "linear", "wsd")}
+    assert values["cosine"] == pytest.approx(2 * 0.9397114317029974, rel=1e-12)
+    assert values["linear"] == pytest.approx(2 * 0.85, rel=1e-12)
+    assert values["wsd"] == 2.0
 
 
 def test_phases_by_tokens_and_fraction():

@@ -32,15 +32,12 @@ class ALiBi(PositionalEncoding):
     name = "alibi"
     layer_class = ALiBiLayer
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.register_buffer("slopes", alibi_slopes(config.num_heads), persistent=False)
-
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
-        # Shift invariant by construction, so the offset does not enter. The state is the bias itself,
-        # built once per forward and shared by every layer: [1, H, N, N].
-        n = torch.arange(seq_len, device=device, dtype=torch.float64)
+        # Shift invariant by construction, so the offset does not enter. The state is the bias itself, built in
+        # float64 from integer distances once per forward and shared by every layer: [1, H, N, N].
+        n = torch.arange(seq_len, device=device)
         distance = n[:, None] - n[None, :]
-        bias = -self.slopes.to(device)[:, None, None] * distance.abs()
+        slopes = alibi_slopes(self.num_heads).to(device)
+        bias = -slopes[:, None, None] * distance.abs().to(torch.float64)
         bias = bias.masked_fill(distance < 0, float("-inf")) if causal else bias
         return bias.to(dtype).unsqueeze(0)

@@ -1,8 +1,9 @@
-"""FIRE: a learned per-layer bias_h(i, j) = MLP_h(psi(i - j) / psi(max(i, L~))), psi(x) = log(|c x| + 1)."""
+"""FIRE: a learned per-layer bias_h(i, j) = MLP_h(psi(i - j) / (psi(max(i, L~)) + eps)), psi(x) = log(|c x| + 1)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tape_pretrain.models.positional.base import (
@@ -11,6 +12,9 @@ from tape_pretrain.models.positional.base import (
     attention,
     causal_mask_bias,
 )
+
+NORMALISER_EPS = 1e-6
+"""The official FIRE code's epsilon in the normaliser: keeps psi(max(i, L~)) away from 0 when c or L~ reach 0."""
 
 
 class FIRELayer(PositionalLayer):
@@ -28,22 +32,33 @@ class FIRELayer(PositionalLayer):
             for linear in (self.mlp[0], self.mlp[2]):
                 linear.bias.zero_()
 
-    def bias(self, positions: torch.Tensor, causal_mask: torch.Tensor | None) -> torch.Tensor:
-        """[1, H, N, N] additive bias for positions [N] (float)."""
-        def psi(x):
-            return torch.log(torch.abs(self.c * x) + 1)
+    def bias(self, positions: torch.Tensor, causal_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """[1, H, N, N] additive bias of ``dtype`` for integer positions [N].
 
-        distance = positions[:, None] - positions[None, :]
-        limit = torch.maximum(positions, torch.abs(self.threshold * self.threshold_scale))
-        normalised = psi(distance) / psi(limit)[:, None]
-        bias = self.mlp(normalised.unsqueeze(-1)).permute(2, 0, 1)  # [H, N, N]
+        Distances, the normaliser and the MLP run in fp32 (fp64 in an fp64 model) whatever the parameters' dtype
+        (bf16 under the engines' mixed precision): in bf16 only 513 of the positions 0..1023 are distinct. Only
+        the bias is cast.
+        """
+        work = torch.promote_types(self.c.dtype, torch.float32)
+        c, threshold = self.c.to(work), self.threshold.to(work)
+
+        def psi(x):
+            return torch.log(torch.abs(c * x) + 1)
+
+        distance = (positions[:, None] - positions[None, :]).to(work)  # exact: integers below 2^24
+        limit = torch.maximum(positions.to(work), torch.abs(threshold * self.threshold_scale))  # max(i, L~)
+        normalised = psi(distance) / (psi(limit)[:, None] + NORMALISER_EPS)  # [N, N]
+        first, second = self.mlp[0], self.mlp[2]
+        hidden = F.relu(F.linear(normalised.unsqueeze(-1), first.weight.to(work), first.bias.to(work)))
+        bias = F.linear(hidden, second.weight.to(work), second.bias.to(work)).permute(2, 0, 1)  # [H, N, N]
+        bias = bias.to(dtype)
         if causal_mask is not None:
             bias = bias + causal_mask
         return bias.unsqueeze(0)
 
     def attend(self, q, k, v, state, causal):
         positions, causal_mask = state
-        return attention(q, k, v, causal, bias=self.bias(positions, causal_mask)), state
+        return attention(q, k, v, causal, bias=self.bias(positions, causal_mask, q.dtype)), state
 
 
 class FIRE(PositionalEncoding):
@@ -54,7 +69,10 @@ class FIRE(PositionalEncoding):
         return FIRELayer(self.num_heads, p.fire_mlp_width, p.fire_init_c, p.fire_init_threshold)
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
-        positions = torch.arange(seq_len, device=device, dtype=dtype)  # relative: the offset cancels
+        # Integer positions: an engine casts floating-point block inputs to the compute dtype (FSDP2's
+        # cast_forward_inputs), which would round them. FIRE is relative only below L~: psi(max(i, L~)) depends on
+        # the absolute query position i once i exceeds L~, so the offset is applied, not dropped.
+        positions = torch.arange(offset, offset + seq_len, device=device)  # [N] int64
         return positions, (causal_mask_bias(seq_len, device, dtype) if causal else None)
 
     def extra_forward_flops_per_token(self, seq_len):

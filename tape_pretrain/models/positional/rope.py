@@ -26,15 +26,11 @@ class RoPE(PositionalEncoding):
     name = "rope"
     layer_class = RotaryLayer
 
-    def __init__(self, config):
-        super().__init__(config)
-        theta = rotary_frequencies(self.head_dim, config.positional.rope_base)
-        self.register_buffer("theta", theta, persistent=False)
-
     def positions(self, batch_size: int, seq_len: int, device, offset: int) -> torch.Tensor:
         """Positions for the rotary tables: [1, N] shared by every row (RandPE overrides)."""
         return torch.arange(offset, offset + seq_len, device=device).unsqueeze(0)
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
-        cos, sin = rotary_tables(self.positions(batch_size, seq_len, device, offset), self.theta, dtype)
+        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device)
+        cos, sin = rotary_tables(self.positions(batch_size, seq_len, device, offset), theta, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)  # [1 or B, 1, N, F]

@@ -87,8 +87,6 @@ class TAPE(PositionalEncoding):
     def __init__(self, config):
         super().__init__(config)
         self.position_size = config.positional.tape_position_size or 4 * config.num_heads
-        self.register_buffer("theta", rotary_frequencies(self.head_dim, config.positional.rope_base),
-                             persistent=False)
         self.random_offset = config.positional.tape_random_offset
         self.max_seq_len = config.max_seq_len
 
@@ -101,9 +99,12 @@ class TAPE(PositionalEncoding):
             # Shift invariance makes this a no-op up to rounding; kept for parity with the official recipe.
             offset = offset + int(torch.randint(0, 2 * self.max_seq_len + 1, ()))
         positions = torch.arange(offset, offset + seq_len, device=device)
-        cos, sin = rotary_tables(positions, self.theta, dtype)  # [N, F]
+        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device)
+        cos, sin = rotary_tables(positions, theta, dtype)  # [N, F]
         cs = torch.cat((cos, sin), dim=-1)  # [N, 2F]
-        return cs.expand(batch_size, self.num_heads, seq_len, self.head_dim)
+        # Materialised, not expand()ed: a stride-0 value tensor is not safe for every SDPA backend (cuDNN's layout
+        # checks do not reject it), and layer 1 allocates a state of this size anyway.
+        return cs.expand(batch_size, self.num_heads, seq_len, self.head_dim).contiguous()
 
     def extra_forward_flops_per_token(self, seq_len):
         c = self.config

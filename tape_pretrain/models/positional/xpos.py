@@ -23,19 +23,15 @@ class XPos(PositionalEncoding):
     name = "xpos"
     layer_class = XPosLayer
 
-    def __init__(self, config):
-        super().__init__(config)
-        d = self.head_dim
-        self.register_buffer("theta", rotary_frequencies(d, config.positional.rope_base), persistent=False)
-        zeta = (torch.arange(0, d, 2, dtype=torch.float64) + 0.4 * d) / (1.4 * d)  # (2f + 0.4D) / 1.4D
-        self.register_buffer("zeta", zeta, persistent=False)
-        self.scale_base = config.positional.xpos_scale_base
-
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
         # A per-frequency scale commutes with the rotation of its (f, f+F) pair, so it folds into the tables.
-        n = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float64).unsqueeze(-1)
-        angles = n * self.theta
-        scale = self.zeta ** (n / self.scale_base)  # [N, F]
+        # Everything in float64 from integer positions; only the four tables are cast.
+        d = self.head_dim
+        theta = rotary_frequencies(d, self.config.positional.rope_base, device)
+        zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=device) + 0.4 * d) / (1.4 * d)  # (2f+0.4D)/1.4D
+        n = torch.arange(offset, offset + seq_len, device=device).to(torch.float64).unsqueeze(-1)
+        angles = n * theta
+        scale = zeta ** (n / self.config.positional.xpos_scale_base)  # [N, F]
         cos, sin = angles.cos(), angles.sin()
         tables = (cos * scale, sin * scale, cos / scale, sin / scale)
         return tuple(t.to(dtype)[None, None] for t in tables)  # each [1, 1, N, F]
