@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tape_pretrain.utils.redact import RedactingStream
+
 
 def _storage_options(items: list[str]) -> dict[str, str]:
     from tape_pretrain.config import ConfigError
@@ -64,7 +66,7 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from tape_pretrain.train.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out)
+    export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
 
 
 def cmd_study(args) -> None:
@@ -179,11 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for eval.json, eval.md and plots")
     p.add_argument("--plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="evaluate on a dataset tokenized with another tokenizer of the same vocabulary size "
+                        "(refused by default: the perplexity would be meaningless)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="consolidated safetensors export of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export in a non-empty --out (run and checkpoint directories are always refused)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("study", help="a grid of runs with RESULTS.md and plots")
@@ -243,14 +250,19 @@ def tune_cpu_allocator(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from tape_pretrain.errors import USER_ERRORS
 
-    if argv is None:  # the process entry point (console script or python -m), not a call from Python code
+    # Every line this process prints (our messages, library logs, warnings, tracebacks) leaves through here with
+    # URL user-info removed: a password in s3://user:PW@bucket/... must never reach a terminal or a log file. The
+    # process entry point keeps the wrappers to the end, so that an unexpected traceback is redacted too.
+    entry_point = argv is None  # the process entry point (console script or python -m), not a call from Python code
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    if entry_point:
         argv = sys.argv[1:]
         command = next((a for a in argv if not a.startswith("-")), None)
         if command in ("train", "bench", "eval", "study"):
             tune_cpu_allocator(argv)
-
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -258,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if not entry_point:
+            sys.stdout, sys.stderr = streams
     return 0
 
 

@@ -250,6 +250,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Convert ``value`` to type ``tp`` or raise ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
@@ -295,6 +298,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and users read a number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -428,6 +433,17 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"curriculum.start_seq_len={start} must divide trainer.seq_len={t.seq_len}")
         if config.curriculum.phases:
             raise ConfigError("curriculum: give phases or a warmup, not both")
+    o = config.optim
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must each be in [0, 1), got {list(o.betas)}")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps must be positive, got {o.eps}")
+    if o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError(f"optim.weight_decay and optim.grad_clip must be >= 0, got {o.weight_decay}, {o.grad_clip}")
+    if not config.parallel.timeout_s > 0:
+        raise ConfigError(f"parallel.timeout_s must be positive, got {config.parallel.timeout_s}")
     s = config.schedule
     if s.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")

@@ -40,6 +40,12 @@ def test_overrides_take_precedence(tmp_path):
     (["parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3"),
     (["parallel.compile=true", "parallel.zero_stage=3"], "parallel.compile does not work with DeepSpeed ZeRO-3"),
     (["nonsense"], "not of the form key=value"),
+    (["optim.lr=-1e-3"], "optim.lr must be positive"),
+    (["optim.lr=0"], "optim.lr must be positive"),
+    (["optim.betas=[0.9, 1.0]"], r"optim.betas must each be in \[0, 1\)"),
+    (["optim.eps=0"], "optim.eps must be positive"),
+    (["parallel.timeout_s=-5"], "parallel.timeout_s must be positive"),
+    (["optim.lr=1e-3x"], "optim.lr: expected a number"),
 ])
 def test_bad_values_name_the_dotted_path(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,3 +65,12 @@ def test_unknown_preset_is_named():
     config = load_config(None, ["model.preset=giant"])
     with pytest.raises(ConfigError, match="unknown preset 'giant'"):
         resolve_model_config(config.model)
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("2.5e+1", 25.0), (".5", 0.5),
+                                             ("1.0e-3", 1e-3)])
+def test_float_spellings_of_yaml_1_1_and_1_2_parse(tmp_path, spelling, value):
+    assert load_config(None, [f"optim.lr={spelling}"]).optim.lr == value
+    f = tmp_path / "c.yaml"
+    f.write_text(f"optim:\n  lr: {spelling}\n")
+    assert load_config(f).optim.lr == value

@@ -1,12 +1,16 @@
 """Hostile inputs: manifest paths that escape, pickles in checkpoints, corrupt shards at training time,
 and secrets that must never be written anywhere."""
 
+import hashlib
+import io
 import json
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.manifest import load_manifest
@@ -67,24 +71,79 @@ def test_corrupt_shard_stops_training_before_step_0(dataset_path, tmp_path, dama
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before step 0
 
 
+class Payload:
+    """Unpickling this creates the canary file: proof that foreign code ran."""
+
+    def __init__(self, canary: Path):
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (open, (self.canary, "w"))
+
+
+def plant_payload(path: Path, canary: Path) -> None:
+    """Put a payload where the loader unpickles, keeping the container format."""
+    if path.name == ".metadata":  # DCP metadata: a bare pickle
+        path.write_bytes(pickle.dumps(Payload(canary)))
+    elif path.suffix == ".distcp":  # raw tensor bytes plus torch.save'd non-tensor items at recorded offsets
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        from tape_pretrain.utils.safe_load import load_dcp_metadata
+
+        with open(path.parent / ".metadata", "rb") as f:
+            metadata = load_dcp_metadata(f)
+        item = next(info for index, info in metadata.storage_data.items()
+                    if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata))
+        blob = io.BytesIO()
+        torch.save(Payload(canary), blob, _use_new_zipfile_serialization=False)  # the legacy format ignores padding
+        assert len(blob.getvalue()) <= item.length
+        data = bytearray(path.read_bytes())
+        data[item.offset:item.offset + item.length] = blob.getvalue().ljust(item.length, b"\0")
+        path.write_bytes(bytes(data))
+    else:  # torch.save zip archives
+        torch.save({"module": Payload(canary), "state": Payload(canary)}, path)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoints(tmp_path_factory, dataset_path):
+    """One 2-step run per engine, each ending with a checkpoint at step 2."""
+    root = tmp_path_factory.mktemp("payload")
+    runs = {}
+    for engine in ("deepspeed", "fsdp2"):
+        cfg = write_config(root / f"{engine}.yaml", dataset_path, root / engine, **{
+            "parallel.engine": engine, "trainer.max_steps": 2, "checkpoint.interval": 2})
+        run(train_command(0, cfg))
+        runs[engine] = root / engine
+    return runs
+
+
 @pytest.mark.slow
-def test_dcp_metadata_pickle_never_runs(dataset_path, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
-        "parallel.engine": "fsdp2", "trainer.max_steps": 1})
-    run(train_command(0, cfg))
-    canary = tmp_path / "canary"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(canary), "w"))
-
-    metadata = tmp_path / "run/checkpoints/step_00000001/engine/.metadata"
-    size = metadata.stat().st_size
-    blob = __import__("pickle").dumps(Payload())
-    metadata.write_bytes(blob + b" " * max(0, size - len(blob)))  # same size: only the checksum can tell
-    out = run(train_command(0, cfg, "trainer.max_steps=2"), check=False)
-    assert ".metadata: sha256 mismatch" in out.stdout
-    assert not canary.exists()
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_no_payload_runs_from_any_checkpoint_file(trained_checkpoints, dataset_path, tmp_path, engine):
+    """R-numbers: R3 (verify before load) is not enough once files.json is rewritten to match, as anyone who can
+    write the run directory (or the bucket prefix) can do: loading itself must never unpickle code."""
+    source = trained_checkpoints[engine]
+    step = "checkpoints/step_00000002"
+    pickled = sorted(str(p.relative_to(source / step)) for p in (source / step).rglob("*")
+                     if p.suffix in (".pt", ".distcp") or p.name == ".metadata")
+    assert len(pickled) == 3, pickled  # model + optimizer state (or DCP metadata + data) and the RNG state
+    for rel in pickled:
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(source, copy)
+        target, canary = copy / step / rel, tmp_path / f"canary_{rel.replace('/', '_')}"
+        plant_payload(target, canary)
+        table = json.loads((copy / step / "files.json").read_text())
+        table[rel] = {"size": target.stat().st_size, "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+        (copy / step / "files.json").write_text(json.dumps(table))
+        cfg = write_config(tmp_path / "c.yaml", dataset_path, copy, **{
+            "parallel.engine": engine, "trainer.max_steps": 3, "checkpoint.interval": 2})
+        out = subprocess.run(train_command(0, cfg), env=base_env(), capture_output=True, text=True, timeout=180)
+        assert not canary.exists(), f"{rel}: the payload ran"
+        assert out.returncode == 2, (rel, out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert lines[-1].startswith("error:") and "Traceback" not in out.stderr, (rel, out.stderr[-2000:])
+        assert "refusing" in lines[-1], lines[-1]
+        assert "resumed from" not in out.stdout
 
 
 @pytest.mark.slow

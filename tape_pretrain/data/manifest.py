@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tape_pretrain.data.storage import exists, join, open_url, read_bytes, with_retries
+from tape_pretrain.data.storage import exists, is_local, join, open_url, read_bytes, with_retries
 from tape_pretrain.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -112,21 +113,43 @@ def sha256_file(fs, path: str, chunk: int = 8 << 20) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def scan_shard(fs, path: str, dtype: str, chunk: int = 8 << 20) -> tuple[str, int, int]:
+    """sha256, size and largest token id of a shard, in one streaming read."""
+    digest, size, top = hashlib.sha256(), 0, -1
+    item = np.dtype(dtype).itemsize
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk - chunk % item):
+            digest.update(block)
+            size += len(block)
+            usable = len(block) - len(block) % item
+            if usable:
+                top = max(top, int(np.frombuffer(block[:usable], dtype=dtype).max()))
+    return digest.hexdigest(), size, top
+
+
 def verify_dataset(url: str, storage_options=None) -> str:
-    """Re-hash every shard and compare with the manifest; DataError naming the first bad shard."""
+    """Everything training checks, for every shard: present, inside the dataset (no escaping symlink), size and
+    sha256 as in the manifest, token ids below the vocabulary size; DataError naming the first bad shard."""
     manifest, fp = load_manifest(url, storage_options)
     fs, root = open_url(url, storage_options)
+    vocab = int(manifest.tokenizer["vocab_size"])
     count = tokens = 0
     for split, shards in manifest.splits.items():
         for shard in shards:
-            path = join(root, shard.path)
+            path, where = join(root, shard.path), join(url, shard.path)
             if not exists(fs, path):
-                raise DataError(f"{join(url, shard.path)}: shard is missing")
-            digest, size = with_retries(lambda path=path: sha256_file(fs, path), path)
+                raise DataError(f"{where}: shard is missing")
+            if is_local(fs):
+                real_root = os.path.realpath(root)
+                if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+                    raise DataError(f"{where}: shard path {shard.path!r} resolves outside the dataset (symlink?)")
+            digest, size, top = with_retries(lambda path=path: scan_shard(fs, path, manifest.dtype), path)
             if size != shard.num_bytes:
-                raise DataError(f"{join(url, shard.path)}: size {size} bytes != manifest {shard.num_bytes}")
+                raise DataError(f"{where}: size {size} bytes != manifest {shard.num_bytes}")
             if digest != shard.sha256:
-                raise DataError(f"{join(url, shard.path)}: sha256 mismatch (content altered)")
+                raise DataError(f"{where}: sha256 mismatch (content altered)")
+            if top >= vocab:
+                raise DataError(f"{where}: token id {top} >= vocab size {vocab}")
             count += 1
             tokens += shard.num_tokens
     tok_path = join(root, TOKENIZER)

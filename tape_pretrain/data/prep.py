@@ -14,20 +14,23 @@ tokenizing them, and writes the rest. The manifest is written last; a re-run of 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tape_pretrain.data.manifest import MANIFEST, SPLITS, TOKENIZER, Manifest, ShardInfo, sha256_file
 from tape_pretrain.data.sources import TEXT_NORMALIZATION, SourceStats, iter_documents
-from tape_pretrain.data.storage import exists, join, open_url, read_bytes, write_bytes_atomic
+from tape_pretrain.data.storage import exists, is_local, join, open_url, read_bytes, write_bytes_atomic
 from tape_pretrain.data.tokenizer import Tokenizer
 from tape_pretrain.errors import DataError
 
@@ -186,10 +189,54 @@ def _prepare_destination(fs, root: str, options: PrepOptions, recipe: dict) -> b
         if not options.overwrite:
             raise DataError(f"{options.out} already holds {_what_differs(existing, recipe)}; "
                             "pass --overwrite to replace it")
-        if exists(fs, manifest_path):
-            fs.rm(manifest_path)  # the dataset stops existing before any of its shards is touched
-        fs.rm(root, recursive=True)
+        _remove_previous_prep(fs, root, options.out)
     return False
+
+
+_PREP_FILE = re.compile(rf"^(?:{re.escape(MANIFEST)}|{re.escape(TOKENIZER)}|{JOURNAL}/[^/]+|(?:train|val)/"
+                        r"shard_\d{6}\.bin)(?:\.tmp)?$")
+"""What prep writes (a .tmp is an interrupted atomic write): --overwrite deletes these and nothing else."""
+
+
+def _remove_previous_prep(fs, root: str, out: str) -> None:
+    """--overwrite: delete a previous prep's files, refusing (before deleting anything) if the destination holds any
+    file prep did not write: a mistyped --out must not cost a user their data."""
+    base = root.rstrip("/")
+    files = sorted(path[len(base) + 1:] for path in fs.find(base))
+    foreign = [rel for rel in files if not _PREP_FILE.match(rel)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DataError(f"{out} holds {foreign[0]!r}{more}, which prep did not write; --overwrite deletes only a "
+                        "previous prep's files: move them, or choose another --out")
+    if MANIFEST in files:
+        fs.rm(join(root, MANIFEST))  # the dataset stops existing before any of its shards is touched
+    for rel in files:
+        if rel != MANIFEST:
+            fs.rm(join(root, rel))
+    if is_local(fs):
+        for sub in (JOURNAL, "train", "val"):
+            with contextlib.suppress(OSError):
+                os.rmdir(join(root, sub))  # only if empty
+
+
+def _check_out_against_inputs(options: PrepOptions) -> None:
+    """--out must not be a file, nor contain an input (an --overwrite, or shards written beside the inputs, would
+    mix or destroy them)."""
+    if "://" in options.out and not options.out.startswith("file://"):
+        return
+    out = Path(options.out.removeprefix("file://")).expanduser().resolve()
+    if out.is_file():
+        raise DataError(f"--out {options.out} is a file; give a directory for the dataset")
+    for source in options.inputs:
+        source = str(source)
+        if source.startswith("builtin:") or ("://" in source and not source.startswith("file://")):
+            continue
+        literal = source.removeprefix("hf:").removeprefix("file://").split("*")[0].split("?")[0].split("[")[0]
+        if not literal or (source.startswith("hf:") and not literal.startswith("/")):
+            continue  # a hub dataset name
+        path = Path(literal).expanduser().resolve()
+        if path == out or out in path.parents:
+            raise DataError(f"--input {source} lies inside --out {options.out}: write the dataset elsewhere")
 
 
 def prepare(options: PrepOptions) -> Manifest:
@@ -204,6 +251,7 @@ def prepare(options: PrepOptions) -> Manifest:
     tokenizer = Tokenizer.load(options.tokenizer, options.storage_options)
     dtype = _resolve_dtype(options, tokenizer)
     recipe = _recipe(options, tokenizer, dtype)
+    _check_out_against_inputs(options)
     fs, root = open_url(options.out, options.storage_options)
     if _prepare_destination(fs, root, options, recipe):
         manifest = Manifest.from_bytes(read_bytes(fs, join(root, MANIFEST)), options.out)

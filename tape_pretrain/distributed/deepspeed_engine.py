@@ -13,6 +13,7 @@ from tape_pretrain.config import ConfigError, RunConfig
 from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
 from tape_pretrain.distributed.env import DistEnv, barrier
 from tape_pretrain.errors import CheckpointError
+from tape_pretrain.utils.safe_load import deepspeed_safe_globals, weights_only_loading
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
@@ -135,8 +136,9 @@ class DeepSpeedEngine(Engine):
         if self.env.local_rank == 0:
             shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
             # In a fresh process: the converter must not issue collectives on this job's process group.
+            # Weights-only there too: the converter unpickles every optimizer file of the checkpoint.
             result = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                [sys.executable, "-m", "tape_pretrain.distributed.ds_universal", "--input_folder",
                  os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
                  "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
                 capture_output=True, text=True)
@@ -167,8 +169,9 @@ class DeepSpeedEngine(Engine):
             directory = converted = self._to_universal(directory)
             self.engine._config.load_universal_checkpoint = True
         hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        with weights_only_loading(deepspeed_safe_globals()):
+            path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}/engine")
         if universal:
@@ -193,8 +196,9 @@ def consolidate_checkpoint(engine_dir: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(engine_dir, "engine")
-    if any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
-        return get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
-    # ZeRO-0: the module state is stored whole (the files were verified against files.json before this)
-    state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    with weights_only_loading(deepspeed_safe_globals()):
+        if any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
+            return get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
+        # ZeRO-0: the module state is stored whole (the files were verified against files.json before this)
+        state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
     return state["module"]

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from tape_pretrain.config import RunConfig
 from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
 from tape_pretrain.distributed.env import DistEnv
+from tape_pretrain.utils.safe_load import safe_dcp_load
 
 # Blocks pass the positional state through unchanged (RoPE's tables, TAPE's last layer), and FSDP2's input hooks
 # hand it over as a view, so FSDP2 warns that an in-place op on it would skip an all-gather. Nothing modifies a
@@ -109,12 +110,12 @@ class FSDP2Engine(Engine):
     def load(self, directory, saved_world_size):
         # DCP reshards on load: any saved world size works
         state = self._state()
-        dcp.load(state, checkpoint_id=directory)
+        safe_dcp_load(state, directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def consolidate_checkpoint(engine_dir: str, model) -> dict[str, torch.Tensor]:
     """Full weights from a DCP checkpoint into ``model``'s layout, offline (one process, any saved world size)."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=engine_dir, no_dist=True)
+    safe_dcp_load(state, engine_dir, no_dist=True)
     return state["model"]

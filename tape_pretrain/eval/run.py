@@ -31,6 +31,7 @@ def evaluate_command(args) -> dict:
     device, rank, world = ((env.device, env.rank, env.world_size) if env is not None else
                            (torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1))
     model = load_export_model(str(export)).to(device)
+    check_tokenizer(export, args.data, model.config.vocab_size, args.allow_tokenizer_mismatch)
     try:
         results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
                                    args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
@@ -67,6 +68,30 @@ def evaluate_command(args) -> dict:
         fig.savefig(out / "perplexity.png", dpi=120)
         plt.close(fig)
     return results
+
+
+def check_tokenizer(export: Path, data: str, model_vocab: int, allow_mismatch: bool) -> None:
+    """The dataset must be tokenized with the model's tokenizer (same sha256 as the export's tokenizer.model):
+    a different tokenizer of the same vocabulary size gives a perplexity that means nothing, a larger one crashes."""
+    import hashlib
+
+    from tape_pretrain.data.manifest import load_manifest
+    from tape_pretrain.errors import DataError
+
+    manifest, _ = load_manifest(data)
+    vocab, sha = int(manifest.tokenizer["vocab_size"]), manifest.tokenizer["sha256"]
+    if vocab > model_vocab:
+        raise DataError(f"{data}: its tokenizer has {vocab} ids, the model only {model_vocab}: not the model's data")
+    tokenizer = export / "tokenizer.model"
+    if not tokenizer.is_file():
+        print(f"warning: {export} has no tokenizer.model: cannot check that {data} uses the model's tokenizer")
+        return
+    if hashlib.sha256(tokenizer.read_bytes()).hexdigest() != sha:
+        if not allow_mismatch:
+            raise DataError(f"{data} was tokenized with another tokenizer than the model's ({export}/tokenizer.model "
+                            "differs from the dataset's): pass --allow-tokenizer-mismatch for an intended "
+                            "cross-tokenizer evaluation")
+        print(f"warning: {data} was tokenized with another tokenizer than the model's (--allow-tokenizer-mismatch)")
 
 
 def passkey_report(model, export: Path, args, out: Path, lengths: list[int], device) -> None:

@@ -20,6 +20,7 @@ import torch
 from tape_pretrain.distributed.env import DistEnv, all_agree_all, all_gather_objects, barrier
 from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.train.run_dir import RunDirectory
+from tape_pretrain.utils.safe_load import weights_only_loading
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -58,10 +59,7 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
         if not (directory / FILES).exists() and not (directory / "engine").exists():
             raise CheckpointError(f"{directory}: not a checkpoint (give RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN)")
         raise CheckpointError(f"{directory}: no {COMPLETE} marker (interrupted save)")
-    mode = directory.stat().st_mode
-    if not allow_group_writable and mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CheckpointError(f"{directory}: writable by other users; refusing to load files that unpickle "
-                              "(chmod go-w to trust it, or set checkpoint.allow_group_writable=true)")
+    _check_trusted(directory, allow_group_writable)
     try:
         table = json.loads((directory / FILES).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -80,6 +78,45 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
     if extra:
         raise CheckpointError(f"{directory}: unrecorded file {sorted(extra)[0]!r} (tampered?)")
     return json.loads((directory / TRAINER_STATE).read_text())
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that another user could have written. Never skipped in favour of an older one: the run stops,
+    so that a permissions mistake cannot silently restart training from step 0 (and let retention delete the rest)."""
+
+
+def _check_trusted(directory: Path, allow_group_writable: bool) -> None:
+    """Defence in depth (the guard is weights-only loading): refuse a checkpoint with any directory or file that is
+    writable by other users, or owned by another user."""
+    forbidden = stat.S_IWOTH if allow_group_writable else stat.S_IWGRP | stat.S_IWOTH
+    for path in (directory, *sorted(directory.rglob("*"))):
+        info = path.lstat()
+        if info.st_uid != os.getuid():
+            raise UntrustedCheckpointError(f"{path}: owned by another user (uid {info.st_uid}); refusing to load it "
+                                           "(copy the checkpoint, or chown it, if you trust it)")
+        if not stat.S_ISLNK(info.st_mode) and info.st_mode & forbidden:
+            raise UntrustedCheckpointError(
+                f"{path}: writable by other users; refusing to load it (chmod -R go-w the checkpoint if you trust "
+                "it, or set checkpoint.allow_group_writable=true for group-writable ones)")
+
+
+def restrict_permissions(directory: Path, allow_group_writable: bool = False) -> None:
+    """Remove group and other write bits from a checkpoint we wrote, whatever the umask was (under umask 002 it would
+    be group-writable, and the next resume would refuse it)."""
+    remove = stat.S_IWOTH if allow_group_writable else stat.S_IWGRP | stat.S_IWOTH
+    for path in (directory, *directory.rglob("*")):
+        info = path.lstat()
+        if not stat.S_ISLNK(info.st_mode) and info.st_mode & remove and info.st_uid == os.getuid():
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~remove)
+
+
+def _write_not_group_writable(path: Path, text: str) -> None:
+    """Write a file whose mode is rw-r--r-- whatever the umask (the files.json and COMPLETE written after
+    restrict_permissions)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(text)
 
 
 def _file_table_names(directory: Path) -> list[str]:
@@ -155,17 +192,19 @@ class CheckpointManager:
         directory = self.root / name
         barrier(self.env)
         # Each node hashes (and uploads) the files it holds; rank 0 merges the tables into files.json.
+        if self.env.local_rank == 0:
+            restrict_permissions(directory, self.allow_group_writable)
         table = _file_table(directory) if self.env.local_rank == 0 else {}
         if self.env.local_rank == 0:
             self.run_dir.upload([f"checkpoints/{name}/{rel}" for rel in table])
         tables = all_gather_objects(table, self.env)
         if self.env.is_main:
             merged = {k: v for t in tables for k, v in t.items()}
-            (directory / FILES).write_text(json.dumps(merged, indent=1, sort_keys=True))
+            _write_not_group_writable(directory / FILES, json.dumps(merged, indent=1, sort_keys=True))
             _fsync_dir(directory)
             self.run_dir.upload([f"checkpoints/{name}/{FILES}", *extra_uploads])
             _hook_before_complete()
-            (directory / COMPLETE).write_text(f"{step}\n")
+            _write_not_group_writable(directory / COMPLETE, f"{step}\n")
             _fsync_dir(directory)
             self.run_dir.upload([f"checkpoints/{name}/{COMPLETE}"])
             self.apply_retention(protect=step)
@@ -177,6 +216,7 @@ class CheckpointManager:
         if self.run_dir.is_remote:
             if self.env.local_rank == 0:
                 self.run_dir.download_tree(f"checkpoints/{step_dir_name(step)}")
+                restrict_permissions(directory, self.allow_group_writable)  # our own download, whatever the umask
             barrier(self.env)
         return directory
 
@@ -196,6 +236,8 @@ class CheckpointManager:
             directory = self._localise(step)
             try:
                 return directory, verify_checkpoint(directory, self.allow_group_writable)
+            except UntrustedCheckpointError:
+                raise
             except CheckpointError as exc:
                 if self.env.is_main:
                     print(f"warning: skipping checkpoint {directory.name}: {exc}")
@@ -231,7 +273,8 @@ class CheckpointManager:
         path = directory / "rng" / f"rank_{self.env.rank:05d}.pt"
         if not path.exists():  # a different world size: keep the fresh per-rank seeds
             return
-        rng = torch.load(path, weights_only=True)
+        with weights_only_loading():
+            rng = torch.load(path, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -83,11 +83,34 @@ def _find_checkpoint(checkpoint: str, staging_root: str) -> tuple[Path, dict]:
     return found
 
 
-def export_checkpoint(checkpoint: str, out: str) -> None:
+def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> None:
     """Export a checkpoint directory (or a run directory: its newest complete checkpoint), whatever its engine
     and world size, to a consolidated export. Files are verified against files.json before anything loads."""
+    _check_export_destination(Path(out), overwrite)
     with tempfile.TemporaryDirectory(prefix="tape_pretrain_export_") as staging:
         _export(*_find_checkpoint(checkpoint, staging), out)
+
+
+EXPORT_FILES = (WEIGHTS, CONFIG, TOKENIZER)
+
+
+def _check_export_destination(out: Path, overwrite: bool) -> None:
+    """Never into a run or checkpoint directory (a run's config.json would be replaced; a file added to a checkpoint
+    fails its verification on the next resume), and into a non-empty directory only when told."""
+    if out.is_file():
+        raise CheckpointError(f"--out {out} is a file; give a directory for the export")
+    resolved = out.expanduser().resolve()
+    for directory in (resolved, *resolved.parents):
+        if (directory / COMPLETE).exists() or (directory / "files.json").exists():
+            raise CheckpointError(f"--out {out} is inside the checkpoint {directory}: export elsewhere")
+    if (resolved / "checkpoints").is_dir() or (resolved / "metrics.jsonl").exists():
+        raise CheckpointError(f"--out {out} is a run directory: export elsewhere (every finished run already has "
+                              "RUN_DIR/export)")
+    if resolved.is_dir() and any(resolved.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an export there")
+        for name in EXPORT_FILES:  # a stale tokenizer.model must not survive an export that has none
+            (resolved / name).unlink(missing_ok=True)
 
 
 def _export(path: Path, state: dict, out: str) -> None:

@@ -87,6 +87,24 @@ class RunDirectory:
         with_retries(get, path)
         tmp.replace(target)
 
+    def move_aside(self, names: tuple[str, ...], aside: str) -> list[str]:
+        """Move top-level entries of the run directory into the folder ``aside`` (in the store too, for a remote
+        run: a copy then a delete per object). Returns the names that existed."""
+        moved = []
+        for name in names:
+            found = False
+            if (self.local / name).exists():
+                (self.local / aside).mkdir(exist_ok=True)
+                os.replace(self.local / name, self.local / aside / name)
+                found = True
+            if self.is_remote and self.exists_remote(name):
+                source, target = self.remote_path(name), self.remote_path(f"{aside}/{name}")
+                with_retries(lambda s=source, t=target: self.fs.mv(s, t, recursive=True), source)
+                found = True
+            if found:
+                moved.append(name)
+        return moved
+
     def remove_remote(self, rel: str) -> None:
         if self.is_remote:
             path = self.remote_path(rel)

@@ -28,8 +28,9 @@ from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
 from tape_pretrain.train.run_dir import RunDirectory
+from tape_pretrain.train.run_lock import lock_run_directory
 from tape_pretrain.train.schedule import Curriculum, learning_rate
-from tape_pretrain.utils.redact import redact
+from tape_pretrain.utils.redact import redact, redact_text
 
 
 def configure_determinism(config: RunConfig) -> None:
@@ -131,6 +132,10 @@ class Trainer:
         val_split = self._cache("val")
         self.val_windows = TokenWindows(val_split, manifest.dtype, t.seq_len) if val_split.num_tokens > t.seq_len \
             else None
+        if self.val_windows is None and env.is_main:
+            print(f"warning: the val split of {redact_text(config.data.path)} has {val_split.num_tokens} tokens, "
+                  f"too few for one window of trainer.seq_len={t.seq_len}: no val_loss will be logged (prep with a "
+                  "larger --val-fraction)", flush=True)
         self.curriculum = run_curriculum(config)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
@@ -191,9 +196,11 @@ class Trainer:
     def _resume(self) -> str | None:
         c = self.config.checkpoint
         if not c.resume:
-            if self.checkpoints.steps() and not c.overwrite:
-                raise CheckpointError(f"{self.checkpoints.root} already has checkpoints and checkpoint.resume=false; "
-                                      "set checkpoint.overwrite=true to start over, or use a new run_dir")
+            if self.checkpoints.steps():
+                if not c.overwrite:
+                    raise CheckpointError(f"{self.checkpoints.root} already has checkpoints and checkpoint.resume="
+                                          "false; set checkpoint.overwrite=true to start over, or use a new run_dir")
+                self._move_previous_run_aside()
             return None
         found = self.checkpoints.latest_valid(c.resume_from)
         if found is None:
@@ -212,6 +219,16 @@ class Trainer:
             print(f"resumed from {directory} (step {self.step}, saved by {state['world_size']} rank(s) "
                   f"with {state['engine']})")
         return state.get("wandb_id")
+
+    def _move_previous_run_aside(self) -> None:
+        """Start over without destroying anything and without leaving an old step to resume: the previous run's
+        checkpoints, metrics, config and export move to RUN_DIR/replaced_<time>/ (delete it when done with it)."""
+        if self.env.is_main:
+            aside = f"replaced_{time.strftime('%Y%m%d-%H%M%S')}"
+            moved = self.run_directory.move_aside(("checkpoints", "metrics.jsonl", "config.json", "export"), aside)
+            print(f"checkpoint.overwrite: moved the previous run's {', '.join(moved)} to "
+                  f"{redact_text(self.config.run_dir)}/{aside}", flush=True)
+        barrier(self.env)
 
     def resume_identity(self) -> dict:
         return resume_identity(self.config, int(self.manifest.tokenizer["vocab_size"]))
@@ -391,7 +408,14 @@ def train(config: RunConfig) -> dict:
             print(report, flush=True)
         if problems:  # every rank stops here, before step 0, with the first problem named
             raise StorageError(f"preflight: {problems[0]}")
-        trainer = Trainer(config, env)
-        return trainer.run()
+        # Before the trainer writes anything: a second run in the same run_dir would mix its config, metrics and
+        # checkpoints with this one's.
+        lock = lock_run_directory(RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir).local, env)
+        try:
+            trainer = Trainer(config, env)
+            return trainer.run()
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         shutdown()

@@ -27,3 +27,18 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         return redact_text(value)
     return value
+
+
+class RedactingStream:
+    """A text stream that writes through ``redact_text`` (URLs are never split across one write: print, logging and
+    traceback all write whole lines or messages)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, buffer, ... of the real stream
+        return getattr(self._inner, name)

@@ -85,6 +85,33 @@ def test_destination_with_other_files_is_refused(tmp_path, corpus_dir, tokenizer
     assert (tmp_path / "ds" / "notes.txt").read_text() == "keep me"
 
 
+def test_overwrite_deletes_only_what_prep_wrote(tmp_path, corpus_dir, tokenizer_path):
+    """R-number R9 (no command destroys data it did not create): a previous dataset plus a user's file is refused
+    whole, before anything is deleted."""
+    inputs = [corpus_dir / "*.jsonl"]
+    prep(inputs, tokenizer_path, tmp_path / "ds")
+    (tmp_path / "ds" / "train" / "my_notes.txt").write_text("keep me")
+    before = sorted(str(p) for p in (tmp_path / "ds").rglob("*"))
+    with pytest.raises(DataError, match=r"holds 'train/my_notes.txt', which prep did not write"):
+        prep(inputs, tokenizer_path, tmp_path / "ds", shard_tokens=30_000, overwrite=True)
+    assert sorted(str(p) for p in (tmp_path / "ds").rglob("*")) == before
+    assert load_manifest(str(tmp_path / "ds"))[0].source["recipe"]["shard_tokens"] != 30_000  # still the old one
+
+
+def test_input_inside_out_and_out_as_a_file_are_refused(tmp_path, corpus_dir, tokenizer_path):
+    import shutil
+
+    shutil.copytree(corpus_dir, tmp_path / "work" / "corpus")
+    with pytest.raises(DataError, match=r"--input .*corpus/\*\.jsonl lies inside --out"):
+        prep([tmp_path / "work" / "corpus" / "*.jsonl"], tokenizer_path, tmp_path / "work", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "work" / "corpus").iterdir()) == sorted(
+        p.name for p in corpus_dir.iterdir())
+    (tmp_path / "out.bin").write_text("not a directory")
+    with pytest.raises(DataError, match="out.bin is a file"):
+        prep([corpus_dir / "*.jsonl"], tokenizer_path, tmp_path / "out.bin", overwrite=True)
+    assert (tmp_path / "out.bin").read_text() == "not a directory"
+
+
 def test_killed_prep_resumes_to_the_same_dataset(tmp_path, corpus_dir, tokenizer_path, cli_env):
     inputs = [str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")]
     prep(inputs, tokenizer_path, tmp_path / "reference", shard_tokens=20_000, chunk_docs=4)
@@ -118,6 +145,31 @@ def test_verify_names_altered_and_truncated_shards(tmp_path, corpus_dir, tokeniz
     shard.write_bytes(bytes(data[:-2]))
     with pytest.raises(DataError, match="train/shard_000001.bin: size"):
         verify_dataset(str(tmp_path / "ds"))
+
+
+def test_verify_checks_what_training_checks(tmp_path, corpus_dir, tokenizer_path):
+    """Token ids at or above the vocabulary (with the manifest's checksum rewritten to match), and a shard that is
+    a symlink out of the dataset: training refuses both, so verify must not say ok."""
+    import hashlib
+    import shutil
+
+    prep([corpus_dir / "*.jsonl"], tokenizer_path, tmp_path / "ds")
+    shutil.copytree(tmp_path / "ds", tmp_path / "ds2")
+    shard = tmp_path / "ds" / "train" / "shard_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[0:2] = (60000).to_bytes(2, "little")
+    shard.write_bytes(bytes(data))
+    raw = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    entry = next(e for e in raw["splits"]["train"] if e["path"] == "train/shard_000001.bin")
+    entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="train/shard_000001.bin: token id 60000 >= vocab size 512"):
+        verify_dataset(str(tmp_path / "ds"))
+    escaped = tmp_path / "ds2" / "train" / "shard_000000.bin"
+    shutil.move(escaped, tmp_path / "elsewhere.bin")
+    escaped.symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(DataError, match="resolves outside the dataset"):
+        verify_dataset(str(tmp_path / "ds2"))
 
 
 def read_split(dataset, split) -> np.ndarray:

@@ -3,6 +3,7 @@
 import math
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,24 @@ def test_bad_eval_lengths_are_one_clear_error(dataset_path, tmp_path, capsys, le
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, capsys):
+    from tape_pretrain.cli import main
+    from tape_pretrain.train.export import save_export
+
+    own = (Path(dataset_path) / "tokenizer.model").read_bytes()
+    model = small_model()
+    args = ["--data", dataset_path, "--lengths", "32", "--max-tokens", "64", "--out", str(tmp_path / "out")]
+    save_export(model.state_dict(), model.config, tmp_path / "same", own)
+    assert main(["eval", str(tmp_path / "same"), *args]) == 0
+    save_export(model.state_dict(), model.config, tmp_path / "other", own + b"\0")  # another tokenizer's bytes
+    assert main(["eval", str(tmp_path / "other"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenized with another tokenizer" in err, err
+    assert main(["eval", str(tmp_path / "other"), *args, "--allow-tokenizer-mismatch"]) == 0
+    assert "warning:" in capsys.readouterr().out
+    small = small_model(vocab=256)
+    save_export(small.state_dict(), small.config, tmp_path / "small", own)
+    assert main(["eval", str(tmp_path / "small"), *args, "--allow-tokenizer-mismatch"]) == 2
+    assert "its tokenizer has 512 ids, the model only 256" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 newest checkpoint falls back to the previous one; hostile and foreign files are refused before loading."""
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -31,6 +33,13 @@ def test_offline_export_equals_the_live_export(tmp_path, dataset_path, engine, s
     assert trained.abs().sum() > 0  # really trained weights, not the zero init
     ids = torch.randint(0, 512, (1, 20))
     assert torch.equal(live(ids), offline(ids))
+    if engine == "fsdp2":  # a second export into the same --out: refused, then replaced with --overwrite
+        again = [sys.executable, "-m", "tape_pretrain.cli", "export", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "x")]
+        refused = run(again, check=False)
+        assert refused.returncode == 2 and "is not empty; pass --overwrite" in refused.stderr
+        run([*again, "--overwrite"])
+        assert torch.equal(load_export_model(str(tmp_path / "x"))(ids), live(ids))
     assert (tmp_path / "x" / "tokenizer.model").read_bytes() == (tmp_path / "run/export/tokenizer.model").read_bytes()
 
 
@@ -102,14 +111,43 @@ def test_pickle_payload_never_runs(tmp_path, dataset_path):
     assert not canary.exists()
 
 
-def test_group_writable_checkpoint_is_refused(tmp_path, dataset_path):
-    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 1})
-    run(train_command(0, cfg))
-    directory = tmp_path / "run/checkpoints/step_00000001"
-    verify_checkpoint(directory)
-    directory.chmod(0o777)
-    with pytest.raises(CheckpointError, match="writable by other users"):
-        verify_checkpoint(directory)
+def test_umask_002_checkpoints_resume(tmp_path, dataset_path):
+    """R-numbers R3/R5: under umask 002 the engines create group-writable files; the save removes the write bits
+    (they would make the next resume refuse every checkpoint)."""
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 2,
+                                                                              "checkpoint.interval": 1})
+    previous = os.umask(0o002)
+    try:
+        run(train_command(0, cfg, "trainer.stop_at_step=1"))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "run/checkpoints").rglob("*"):
+        assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
+    out = run(train_command(0, cfg))
+    assert "resumed from" in out.stdout
+
+
+@pytest.mark.parametrize("damage", ["group_writable_file", "foreign_owner"])
+def test_untrusted_checkpoint_stops_the_run(tmp_path, dataset_path, damage):
+    """An untrusted newest checkpoint is not skipped for an older one (nor, if it is the only one, replaced by a
+    fresh start from step 0 whose retention would delete the rest): the run stops, and nothing is touched."""
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 4,
+                                                                              "checkpoint.interval": 1})
+    run(train_command(0, cfg, "trainer.stop_at_step=2"))
+    target = next((tmp_path / "run/checkpoints/step_00000002/engine").rglob("*.pt"))
+    if damage == "group_writable_file":
+        target.chmod(0o664)
+    else:
+        os.chown(target, 4242, -1)  # the tests run as root in CI; elsewhere this needs root too
+    before = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    metrics_before = (tmp_path / "run/metrics.jsonl").read_text()
+    out = run(train_command(0, cfg), check=False)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and target.name in last, last
+    assert ("writable by other users" if damage == "group_writable_file" else "owned by another user") in last
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == before
+    assert (tmp_path / "run/metrics.jsonl").read_text() == metrics_before
 
 
 def test_unrecorded_file_is_refused(tmp_path, dataset_path):
@@ -222,3 +260,21 @@ def test_resume_at_a_curriculum_switch_is_bitwise(tmp_path, dataset_path, curric
     for key in ("seq_len", "tokens", "windows_hash", "loss_hex", "lr"):
         assert [resumed[s][key] for s in range(stop + 1, 8)] == [curriculum_reference[s][key]
                                                                   for s in range(stop + 1, 8)], key
+
+
+def test_start_over_moves_the_previous_run_aside(tmp_path, dataset_path):
+    """checkpoint.resume=false checkpoint.overwrite=true: the old run's checkpoints can neither be resumed nor take
+    the new run's place in retention, and nothing of it is deleted."""
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 4,
+                                                                              "checkpoint.interval": 2})
+    run(train_command(0, cfg))
+    old_metrics = (tmp_path / "run/metrics.jsonl").read_text()
+    out = run(train_command(0, cfg, "checkpoint.resume=false", "checkpoint.overwrite=true", "trainer.max_steps=3",
+                            "seed=11"))
+    aside = next((tmp_path / "run").glob("replaced_*"))
+    assert "moved the previous run's checkpoints, metrics.jsonl, config.json, export" in out.stdout
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    resumed = run(train_command(0, cfg, "trainer.max_steps=4", "seed=11"))
+    assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout  # the new run, not old step 4

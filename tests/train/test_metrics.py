@@ -3,6 +3,8 @@ kill -9, are dropped; the steps up to the checkpoint are kept as they were."""
 
 import json
 
+import pytest
+
 from tape_pretrain.config import LoggingConfig
 from tape_pretrain.train.metrics import MetricsWriter
 
@@ -28,3 +30,17 @@ def test_a_fresh_run_starts_a_fresh_file(tmp_path):
     writer.log({"step": 1, "loss": 2.0})
     writer.close()
     assert steps_in(tmp_path / "metrics.jsonl") == [1]
+
+
+@pytest.mark.slow
+def test_empty_val_split_warns_once_at_start(tmp_path, corpus_dir, tokenizer_path):
+    from tape_pretrain.data.prep import PrepOptions, prepare
+    from tests.helpers import run, train_command, write_config
+
+    prepare(PrepOptions(inputs=[str(corpus_dir / "*.jsonl")], tokenizer=tokenizer_path, out=str(tmp_path / "ds"),
+                        val_fraction=0.0, progress=False))
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "ds"), tmp_path / "run",
+                       **{"trainer.max_steps": 2, "trainer.eval_interval": 1})
+    out = run(train_command(0, cfg)).stdout
+    assert out.count("no val_loss will be logged") == 1
+    assert out.index("no val_loss will be logged") < out.index("step 1/")

@@ -1,0 +1,59 @@
+"""One run per run directory (RELIABILITY.md R-numbers: lock what two processes could both write)."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tape_pretrain.train.run_lock import LOCK_FILE, RunDirectoryBusy, RunLock
+from tests.helpers import base_env, kill_tree, metrics, run, start_training, train_command, write_config
+
+
+def test_second_holder_is_refused_naming_the_first(tmp_path):
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    assert first.acquire() is None
+    with pytest.raises(RunDirectoryBusy, match=rf"in use by another run \(host .*, pid {os.getpid()}, started "):
+        second.acquire()
+    first.release()
+    assert second.acquire() is None  # a clean release leaves no holder text behind
+    second.release()
+
+
+def test_text_left_by_a_dead_holder_is_reported_as_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 99999, "started": "2026-01-01T00:00:00"}))
+    lock = RunLock(tmp_path)
+    assert lock.acquire() == "host node7, pid 99999, started 2026-01-01T00:00:00"
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@pytest.mark.slow
+def test_second_train_in_the_same_run_dir_is_refused_while_the_first_finishes(tmp_path, dataset_path):
+    run_dir = tmp_path / "run"
+    first_cfg = write_config(tmp_path / "a.yaml", dataset_path, run_dir, **{"trainer.max_steps": 4,
+                                                                           "checkpoint.interval": 2})
+    second_cfg = write_config(tmp_path / "b.yaml", dataset_path, run_dir, **{
+        "trainer.max_steps": 4, "seed": 99, "optim.lr": 1e-3, "data.cache_dir": str(tmp_path / "cache2")})
+    first = start_training(train_command(0, first_cfg), step_sleep=1.0)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stdout.read()
+        started = time.time()
+        out = subprocess.run(train_command(0, second_cfg), env=base_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert time.time() - started < 60
+        assert out.returncode == 2
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "in use by another run" in last and f"pid {first.pid}" in last, last
+        assert "Traceback" not in out.stderr
+        assert first.wait(timeout=180) == 0
+    finally:
+        kill_tree(first.pid)
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 7  # the first run's own config
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert "resumed from" in run(train_command(0, first_cfg, "trainer.max_steps=5")).stdout  # released at exit
