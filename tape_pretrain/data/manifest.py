@@ -143,7 +143,7 @@ def verify_dataset(url: str, storage_options=None) -> str:
                 real_root = os.path.realpath(root)
                 if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
                     raise DataError(f"{where}: shard path {shard.path!r} resolves outside the dataset (symlink?)")
-            digest, size, top = with_retries(lambda path=path: scan_shard(fs, path, manifest.dtype), path)
+            digest, size, top = with_retries(lambda path=path: scan_shard(fs, path, manifest.dtype), where)
             if size != shard.num_bytes:
                 raise DataError(f"{where}: size {size} bytes != manifest {shard.num_bytes}")
             if digest != shard.sha256:

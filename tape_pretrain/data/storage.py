@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import random
@@ -16,10 +17,20 @@ from tape_pretrain.errors import StorageError
 
 T = TypeVar("T")
 
-# Retry budget for remote storage; env overrides let tests and impatient users shorten it.
+# Remote storage has one retry layer, this one: s3fs's and botocore's own retries are switched off in open_url, so
+# that attempts do not multiply (6 x 5 x 5 before). Env overrides let tests and impatient users shorten the budget.
 RETRY_ATTEMPTS = int(os.environ.get("TAPE_PRETRAIN_STORAGE_RETRIES", "6"))
 RETRY_BASE_DELAY_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_BACKOFF_S", "0.5"))
 RETRY_MAX_DELAY_S = 20.0
+DEADLINE_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_DEADLINE_S", "180"))
+"""Total time one operation may take, its retries included."""
+CONNECT_TIMEOUT_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_CONNECT_TIMEOUT_S", "10"))
+READ_TIMEOUT_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_READ_TIMEOUT_S", "60"))
+"""An endpoint that accepts connections and never answers costs at most this per attempt."""
+
+# Errors that no retry can fix: bad names and arguments, missing buckets, access, full or read-only disks.
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT,
+                     errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EMSGSIZE, errno.ENAMETOOLONG}
 
 
 class TransferCorrupt(OSError):
@@ -43,24 +54,55 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def with_retries(operation: Callable[[], T], what: str, attempts: int | None = None) -> T:
-    """Run ``operation``, retrying transient failures (5xx, throttling, resets, truncated or corrupt transfers)
-    with bounded exponential backoff and jitter; after the budget, one StorageError naming ``what``."""
+def _permanent_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` cannot be fixed by retrying, or None if it may be transient (5xx, throttling, resets, timeouts,
+    corrupt transfers)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, TransferCorrupt | TimeoutError | ConnectionError):
+        return None
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return os.strerror(exc.errno).lower()
+    try:
+        import botocore.exceptions as b
+    except ImportError:
+        return None
+    if isinstance(exc, b.ParamValidationError | b.NoCredentialsError | b.PartialCredentialsError):
+        return "invalid request"
+    if isinstance(exc, b.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = exc.response.get("Error", {}).get("Code", "")
+        if 400 <= status < 500 and status not in (408, 429) and code not in ("SlowDown", "RequestTimeout",
+                                                                             "Throttling", "ThrottlingException"):
+            return f"{code or status}"
+    return None
+
+
+def with_retries(operation: Callable[[], T], what: str, attempts: int | None = None,
+                 deadline_s: float | None = None) -> T:
+    """Run ``operation``, retrying transient failures (5xx, throttling, resets, timeouts, truncated or corrupt
+    transfers) with bounded exponential backoff and jitter, within ``attempts`` and a total deadline; a permanent
+    failure (4xx, missing bucket, access denied, invalid name, disk full, read-only) fails at once. Either way,
+    one StorageError naming ``what`` (secrets removed) and the attempts made. FileNotFoundError passes through."""
     attempts = attempts or RETRY_ATTEMPTS
+    deadline = time.monotonic() + (deadline_s or DEADLINE_S)
     transient = _transient_errors()
     for attempt in range(1, attempts + 1):
         try:
             return operation()
         except FileNotFoundError:
             raise
-        except PermissionError as exc:  # permanent (credentials, bucket policy): retrying only delays the error
-            raise StorageError(f"{redact_url(what)}: permission denied: {exc}") from None
         except transient as exc:
-            if attempt == attempts:
-                raise StorageError(f"{redact_url(what)}: failed after {attempts} attempts: "
-                                   f"{type(exc).__name__}: {exc}") from None
-            delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random()))
+            detail = f"{type(exc).__name__}: {exc}"
+            reason = _permanent_reason(exc)
+            if reason is not None:
+                raise StorageError(f"{redact_url(what)}: {reason} (not retried): {detail}") from None
+            delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1)) * (0.5 + random.random())
+            if attempt == attempts or time.monotonic() + delay >= deadline:
+                spent = (deadline_s or DEADLINE_S) - (deadline - time.monotonic())
+                tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
+                raise StorageError(f"{redact_url(what)}: failed after {tries} in {spent:.0f} s: {detail}") from None
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -72,15 +114,30 @@ def redact_url(text: str) -> str:
 
 def open_url(url: str, storage_options: dict[str, Any] | None = None):
     """(filesystem, root path) for a URL; unknown schemes and unusable URLs give one clear error."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        # Deadlines on every call, and no retries below ours (botocore's standard mode would retry 3x, s3fs 5x).
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        config.setdefault("read_timeout", READ_TIMEOUT_S)
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        options["config_kwargs"] = config
     try:
-        fs, root = url_to_fs(url, **(storage_options or {}))
+        fs, root = url_to_fs(url, **options)
     except ImportError as exc:
         hint = " (pip install 'tape-pretrain[gcs]', or EXTRAS=test,gcs bash launch/setup_env.sh)" \
             if url.startswith(("gs://", "gcs://")) else ""
         raise StorageError(f"cannot open {url!r}: {exc}{hint}") from None
     except ValueError as exc:
         raise StorageError(f"cannot open {url!r}: {exc}") from None
+    if hasattr(fs, "retries") and url.startswith(("s3://", "s3a://")):
+        fs.retries = 1  # s3fs's own retry loop (an instance attribute: the class default is 5)
     return fs, root.rstrip("/") or root
+
+
+def display_url(fs, path: str) -> str:
+    """The URL a user would recognise for an fsspec path (s3://bucket/key rather than bucket/key)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def join(root: str, *parts: str) -> str:
@@ -106,7 +163,7 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
             size = fs.info(path)["size"]
             if size != len(data):
                 raise TransferCorrupt(f"wrote {len(data)} bytes but the store holds {size}")
-        with_retries(put, path)
+        with_retries(put, display_url(fs, path))
 
 
 def read_bytes(fs, path: str) -> bytes:
@@ -120,7 +177,7 @@ def read_bytes(fs, path: str) -> bytes:
         if len(data) != expected:
             raise TransferCorrupt(f"read {len(data)} of {expected} bytes")
         return data
-    return with_retries(get, path)
+    return with_retries(get, display_url(fs, path))
 
 
 def exists(fs, path: str) -> bool:
@@ -128,7 +185,7 @@ def exists(fs, path: str) -> bool:
     fs.invalidate_cache(path)
     if is_local(fs):
         return fs.exists(path)
-    return with_retries(lambda: fs.exists(path), path)
+    return with_retries(lambda: fs.exists(path), display_url(fs, path))
 
 
 __all__ = ["open_url", "join", "is_local", "write_bytes_atomic", "read_bytes", "exists", "with_retries", "fsspec"]

@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tape_pretrain.data.storage import TransferCorrupt, exists, join, open_url, with_retries
+from tape_pretrain.data.storage import TransferCorrupt, display_url, exists, join, open_url, with_retries
 from tape_pretrain.utils.redact import redact_text
 
 
@@ -56,7 +56,7 @@ class RunDirectory:
         self.fs.invalidate_cache(path)
         if not exists(self.fs, path):
             return []
-        names = with_retries(lambda: self.fs.ls(path, detail=False), path)
+        names = with_retries(lambda: self.fs.ls(path, detail=False), display_url(self.fs, path))
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
 
     def download_tree(self, rel: str) -> None:
@@ -73,7 +73,8 @@ class RunDirectory:
     def download(self, rel: str) -> None:
         """Copy one remote file over its staging copy."""
         path = self.remote_path(rel)
-        self._get(path, self.local / rel, with_retries(lambda: self.fs.info(path), path).get("size"))
+        info = with_retries(lambda: self.fs.info(path), display_url(self.fs, path))
+        self._get(path, self.local / rel, info.get("size"))
 
     def _get(self, path: str, target: Path, size: int | None) -> None:
         """Download with retries into a private temp name, checked against the stored size, then renamed."""
@@ -84,7 +85,7 @@ class RunDirectory:
             self.fs.get_file(path, str(tmp))
             if size is not None and tmp.stat().st_size != size:
                 raise TransferCorrupt(f"downloaded {tmp.stat().st_size} of {size} bytes")
-        with_retries(get, path)
+        with_retries(get, display_url(self.fs, path))
         tmp.replace(target)
 
     def move_aside(self, names: tuple[str, ...], aside: str) -> list[str]:
@@ -99,7 +100,7 @@ class RunDirectory:
                 found = True
             if self.is_remote and self.exists_remote(name):
                 source, target = self.remote_path(name), self.remote_path(f"{aside}/{name}")
-                with_retries(lambda s=source, t=target: self.fs.mv(s, t, recursive=True), source)
+                with_retries(lambda s=source, t=target: self.fs.mv(s, t, recursive=True), display_url(self.fs, source))
                 found = True
             if found:
                 moved.append(name)
@@ -109,4 +110,4 @@ class RunDirectory:
         if self.is_remote:
             path = self.remote_path(rel)
             if exists(self.fs, path):
-                with_retries(lambda: self.fs.rm(path, recursive=True), path)
+                with_retries(lambda: self.fs.rm(path, recursive=True), display_url(self.fs, path))
