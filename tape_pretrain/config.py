@@ -200,7 +200,9 @@ class CheckpointConfig:
     resume_from: str | None = None
     """Resume from this checkpoint directory instead of the newest one."""
     overwrite: bool = False
-    """With resume=false, allow starting over in a run_dir that already has checkpoints."""
+    """With resume=false, start over in a run_dir that has checkpoints (the old run moves to replaced_<time>/)."""
+    lease_ttl_s: float = 120.0
+    """A remote run_dir's lease expires this long after its holder's last heartbeat (then another run may take it)."""
     allow_changes: list[str] = field(default_factory=list)
     """Resume-time checks to waive: any of model, data, batch, curriculum."""
     allow_group_writable: bool = False
@@ -375,20 +377,29 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} for an empty file); one ConfigError for a missing, unreadable, binary,
+    invalid or non-mapping file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what} {path} is not valid YAML: {first}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from YAML (or defaults when ``path`` is None) and apply overrides, then validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     config = from_dict(RunConfig, data)
     validate(config)
@@ -442,6 +453,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"optim.eps must be positive, got {o.eps}")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError(f"optim.weight_decay and optim.grad_clip must be >= 0, got {o.weight_decay}, {o.grad_clip}")
+    if not config.checkpoint.lease_ttl_s >= 10:
+        raise ConfigError(f"checkpoint.lease_ttl_s must be at least 10 s, got {config.checkpoint.lease_ttl_s}")
     if not config.parallel.timeout_s > 0:
         raise ConfigError(f"parallel.timeout_s must be positive, got {config.parallel.timeout_s}")
     s = config.schedule

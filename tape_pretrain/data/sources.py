@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +63,19 @@ def _decode(raw: bytes, stats: SourceStats) -> str:
 
 def _open_compressed(raw: bytes, path: str) -> bytes:
     if path.endswith(".gz"):
-        return gzip.decompress(raw)
+        try:
+            return gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:  # truncated, or not gzip at all
+            raise DataError(f"{path}: corrupt or truncated gzip file ({exc})") from None
     if path.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+        try:
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+        except zstandard.ZstdError as exc:
+            raise DataError(f"{path}: corrupt or truncated zstd file ({exc})") from None
     return raw
 
 
@@ -89,15 +96,22 @@ def _jsonl_documents(raw: bytes, path: str, text_field: str, stats: SourceStats)
 
 
 def _parquet_documents(fs, path: str, text_field: str) -> Iterator[str]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f)
+        try:
+            table = pq.ParquetFile(f)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from None
         if text_field not in table.schema_arrow.names:
             raise DataError(f"{path}: parquet file has no column {text_field!r} "
                             f"(columns: {', '.join(table.schema_arrow.names)})")
-        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+        try:
+            for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: corrupt parquet data ({exc})") from None
 
 
 def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_options) -> Iterator[str]:

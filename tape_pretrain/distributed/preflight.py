@@ -23,6 +23,19 @@ def _free_gib(path: str) -> float:
     return shutil.disk_usage(probe).free / 2**30
 
 
+def bytes_the_run_writes(config: RunConfig, vocab_size: int) -> int:
+    """What a run writes to its (local or staging) run directory at most: keep_last + 1 checkpoints (one is being
+    written while keep_last are kept) of fp32 weights and two AdamW moments (plus fp32 masters in bf16), and the
+    fp32 export. An estimate to catch a full disk before step 0, not an exact figure."""
+    from tape_pretrain.models import build_model
+    from tape_pretrain.train.trainer import resolve_run_model_config
+
+    with torch.device("meta"):
+        params = build_model(resolve_run_model_config(config, vocab_size)).num_parameters()
+    per_param = 4 + 8 + (4 if config.trainer.precision == "bf16" else 0)
+    return params * per_param * (config.checkpoint.keep_last + 1) + params * 4
+
+
 def _check_run_dir(run_dir: str) -> str:
     if "://" in run_dir and not run_dir.startswith("file://"):
         from tape_pretrain.data.storage import join, open_url, with_retries
@@ -65,8 +78,17 @@ def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
         except StorageError as exc:
             problems.append(str(exc))
         lines["free_gib_cache"] = round(_free_gib(config.data.cache_dir), 1)
-        if "://" not in config.run_dir:
-            lines["free_gib_run_dir"] = round(_free_gib(config.run_dir), 1)
+        remote = "://" in config.run_dir and not config.run_dir.startswith("file://")
+        local_dir = config.checkpoint.staging_dir if remote else config.run_dir.removeprefix("file://")
+        free = _free_gib(local_dir)
+        lines["free_gib_run_dir"] = round(free, 1)
+        if manifest is not None and env.local_rank == 0:
+            needed = bytes_the_run_writes(config, int(manifest.tokenizer["vocab_size"])) / 2**30
+            lines["run_writes_gib"] = round(needed, 2)
+            if needed > free:
+                problems.append(f"{local_dir} has {free:.2f} GiB free but the run will write about {needed:.2f} GiB "
+                                f"(checkpoint.keep_last={config.checkpoint.keep_last} + 1 checkpoints and the "
+                                "export): free space, lower checkpoint.keep_last, or move run_dir")
     tensor = torch.ones(1, device=env.device)
     start = time.perf_counter()
     if env.world_size > 1:

@@ -13,6 +13,18 @@ from tape_pretrain.train.export import load_export_model
 
 
 def evaluate_command(args) -> dict:
+    try:
+        return _evaluate(args)
+    except OSError as exc:  # a read-only or full run/cache/out directory
+        if exc.filename is None:
+            raise
+        from tape_pretrain.errors import StorageError
+
+        raise StorageError(f"{exc.filename}: {exc.strerror or exc} (eval writes its cache and results under --out, "
+                           "or beside the export: give a writable --out)") from None
+
+
+def _evaluate(args) -> dict:
     source = Path(args.checkpoint)
     export = source / "export" if (source / "export" / "config.json").exists() else source
     try:

@@ -13,7 +13,15 @@ from typing import Any
 
 import yaml
 
-from tape_pretrain.config import ModelConfig, PositionalConfig, RunConfig, from_dict, load_config, set_dotted
+from tape_pretrain.config import (
+    ModelConfig,
+    PositionalConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    read_yaml_mapping,
+    set_dotted,
+)
 from tape_pretrain.study.report import write_report
 from tape_pretrain.study.spec import StudySpec, load_study
 
@@ -57,7 +65,7 @@ def ensure_dataset(spec: StudySpec, root: Path) -> str:
 
 
 def run_config(spec: StudySpec, run: dict, root: Path, data_url: str, vocab_size: int) -> dict:
-    base = yaml.safe_load(Path(spec.base_config).read_text()) if spec.base_config else {}
+    base = read_yaml_mapping(spec.base_config, "study.base_config") if spec.base_config else {}
     base = _merge(base or {}, _nested({k: v for k, v in spec.base.items() if "." in k}))
     base = _merge(base, {k: v for k, v in spec.base.items() if "." not in k})
     config = _merge(base, {

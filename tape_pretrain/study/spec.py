@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from tape_pretrain.config import ConfigError, apply_overrides, from_dict
+from tape_pretrain.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
 
 
 @dataclass
@@ -72,13 +70,12 @@ class StudySpec:
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(read_yaml_mapping(path, "study file"), overrides or [])
     spec = from_dict(StudySpec, raw, "study")
     if spec.base_config and not Path(spec.base_config).is_absolute():
         spec.base_config = str((path.parent / spec.base_config).resolve())
+    if spec.base_config:
+        read_yaml_mapping(spec.base_config, f"{path}: study.base_config")  # fails here, before any run starts
     if not spec.sizes:
         raise ConfigError(f"{path}: study.sizes is empty")
     names = [s.name for s in spec.sizes]

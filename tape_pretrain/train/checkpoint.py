@@ -7,6 +7,7 @@ to the previous complete checkpoint when the newest one is damaged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -162,19 +163,42 @@ class CheckpointManager:
             directory.mkdir(parents=True)
         barrier(self.env)
         # other nodes: the same directory on a shared filesystem, or their own staging copy
-        directory.mkdir(parents=True, exist_ok=True)
-        engine.save(str(directory / "engine"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        (directory / "rng").mkdir(exist_ok=True)
-        torch.save(rng, directory / "rng" / f"rank_{self.env.rank:05d}.pt")
-        if self.env.is_main:
-            (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+        with self._failed_save_is_one_error(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            engine.save(str(directory / "engine"))
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            (directory / "rng").mkdir(exist_ok=True)
+            torch.save(rng, directory / "rng" / f"rank_{self.env.rank:05d}.pt")
+            if self.env.is_main:
+                (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
         self._pending = (step, engine, list(extra_uploads))
         if blocking:
             self.finish()
         return directory
+
+    @contextlib.contextmanager
+    def _failed_save_is_one_error(self, directory: Path):
+        """A save that fails (disk full, quota, a vanished mount) stops the run with one error naming the checkpoint
+        and the cause; the half-written directory (never COMPLETE) is removed and the older checkpoints stay."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            yield
+        except (OSError, RuntimeError, CheckpointException) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            cause = exc
+            if isinstance(exc, CheckpointException) and exc.failures:
+                cause = next(iter(exc.failures.values()))[0]
+            if self.env.local_rank == 0:
+                shutil.rmtree(directory, ignore_errors=True)
+            kept = [s for s in self.steps() if self._is_complete(s)]
+            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise CheckpointError(f"{directory}: saving the checkpoint failed ({type(cause).__name__}: "
+                                  f"{detail[:300]}); removed the partial save; the complete checkpoints "
+                                  f"{kept or 'none'} are intact") from None
 
     def maybe_commit(self) -> None:
         """Collective, once per step while a background save is pending: commit it when every rank's write is done."""
@@ -187,9 +211,10 @@ class CheckpointManager:
             return
         step, engine, extra_uploads = self._pending
         self._pending = None
-        engine.wait_for_save()
         name = step_dir_name(step)
         directory = self.root / name
+        with self._failed_save_is_one_error(directory):
+            engine.wait_for_save()
         barrier(self.env)
         # Each node hashes (and uploads) the files it holds; rank 0 merges the tables into files.json.
         if self.env.local_rank == 0:

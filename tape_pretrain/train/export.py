@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tape_pretrain.config import ModelConfig, PositionalConfig, from_dict, to_dict
@@ -52,16 +53,28 @@ def load_export_model(directory: str) -> Transformer:
     path = Path(directory)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{directory}: not an export (needs {CONFIG} and {WEIGHTS})")
-    meta = json.loads((path / CONFIG).read_text())
-    if "tape_pretrain" not in meta:
+    try:
+        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory}/{CONFIG}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "tape_pretrain" not in meta:
         raise CheckpointError(f"{directory}/{CONFIG}: not written by tape-pretrain export")
-    model = build_model(meta_config(meta))
+    try:
+        model = build_model(meta_config(meta))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/{CONFIG}: not a valid model config ({exc})") from None
     load_export_weights(model, directory)
     return model.eval()
 
 
 def load_export_weights(model: Transformer, directory: str) -> None:
-    state = load_file(str(Path(directory) / WEIGHTS))
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS} (model.init_from must be an export directory)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     state = {k.removeprefix("model."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)

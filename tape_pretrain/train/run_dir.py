@@ -88,6 +88,17 @@ class RunDirectory:
         with_retries(get, display_url(self.fs, path))
         tmp.replace(target)
 
+    def read_remote(self, rel: str) -> bytes:
+        """One small remote object (FileNotFoundError if absent), bypassing listing caches."""
+        path = self.remote_path(rel)
+        self.fs.invalidate_cache(path)
+        return with_retries(lambda: self.fs.cat_file(path), display_url(self.fs, path))
+
+    def write_remote(self, rel: str, data: bytes) -> None:
+        """One small remote object, written whole (object stores publish it only when complete)."""
+        path = self.remote_path(rel)
+        with_retries(lambda: self.fs.pipe_file(path, data), display_url(self.fs, path))
+
     def move_aside(self, names: tuple[str, ...], aside: str) -> list[str]:
         """Move top-level entries of the run directory into the folder ``aside`` (in the store too, for a remote
         run: a copy then a delete per object). Returns the names that existed."""

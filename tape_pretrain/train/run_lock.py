@@ -1,9 +1,16 @@
-"""One training run writes a run directory at a time (RELIABILITY.md: lock what two processes could both write).
+"""One training run writes a run directory at a time (RELIABILITY.md R19: lock what two processes could both write).
 
-Rank 0 holds an exclusive ``fcntl.flock`` on ``RUN_DIR/.tape_pretrain.lock`` (for a remote run directory, on its
-local staging directory) for the life of the run. The kernel releases a flock when its process dies, kill -9
-included, so a lock is never stale; the file's text names the holder (host, pid, start time) for the error a
-second run gets, and a leftover text from a holder that died is reported as taken over.
+Local run directory: rank 0 holds an exclusive ``fcntl.flock`` on ``RUN_DIR/.tape_pretrain.lock`` for the life of
+the run. The kernel releases a flock when its process dies, kill -9 included, so a lock is never stale; the file's
+text names the holder (host, pid, start time) for the error a second run gets, and a leftover text from a holder
+that died is reported as taken over.
+
+Remote run directory (s3://, gs://): a lease object ``RUN_DIR/.tape_pretrain.lease`` naming the holder, with an
+expiry that a heartbeat thread pushes forward every ttl/4. A run finding an unexpired lease of another holder is
+refused; an expired one (its holder died or lost the network) is taken over with a warning. Object stores offer no
+lock, so acquisition writes, waits, and reads back: of two runs starting within the same second, the one whose
+write landed last wins and the other is refused. Expiry compares wall clocks of different machines: keep the TTL
+well above their skew.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from tape_pretrain.distributed.env import DistEnv, all_agree_all
@@ -64,12 +73,92 @@ def _describe(raw: bytes) -> str:
         return "holder unknown"
 
 
-def lock_run_directory(directory: Path, env: DistEnv) -> RunLock | None:
-    """Collective: rank 0 takes the lock; every rank raises the same refusal if it could not (no rank is left
-    waiting in a collective for one that stopped)."""
+LEASE_OBJECT = ".tape_pretrain.lease"
+
+
+class RunLease:
+    """The remote counterpart of RunLock: a lease object with a heartbeat."""
+
+    def __init__(self, run_directory, ttl_s: float, settle_s: float = 2.0):
+        self.run_directory, self.ttl_s, self.settle_s = run_directory, ttl_s, settle_s
+        self.token = uuid.uuid4().hex
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    @property
+    def path(self) -> str:
+        return f"{self.run_directory.url.rstrip('/')}/{LEASE_OBJECT}"
+
+    def _read(self) -> dict | None:
+        try:
+            raw = self.run_directory.read_remote(LEASE_OBJECT)
+        except FileNotFoundError:
+            return None
+        try:
+            lease = json.loads(raw)
+            return lease if isinstance(lease, dict) and "token" in lease and "expires" in lease else None
+        except ValueError:
+            return None
+
+    def _write(self) -> None:
+        lease = {"token": self.token, "expires": time.time() + self.ttl_s, **self.holder}
+        self.run_directory.write_remote(LEASE_OBJECT, json.dumps(lease).encode())
+
+    def acquire(self) -> str | None:
+        current = self._read()
+        previous = None
+        if current is not None and current["token"] != self.token:
+            if current["expires"] > time.time():
+                raise RunDirectoryBusy(f"{self.run_directory.url}: in use by another run ({_describe_lease(current)}; "
+                                       f"its lease expires in {current['expires'] - time.time():.0f} s unless "
+                                       "renewed); wait for it or stop it, or use another run_dir")
+            previous = _describe_lease(current)
+        self._write()
+        time.sleep(self.settle_s)  # a concurrent writer's object lands in this window; read back who won
+        winner = self._read()
+        if winner is None or winner["token"] != self.token:
+            raise RunDirectoryBusy(f"{self.run_directory.url}: another run took the lease at the same moment "
+                                   f"({_describe_lease(winner) if winner else 'holder unknown'})")
+        self._thread = threading.Thread(target=self._heartbeat, name="run-lease", daemon=True)
+        self._thread.start()
+        return previous
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                current = self._read()
+                if current is not None and current["token"] != self.token:
+                    self.lost = True
+                    print(f"warning: {self.path}: another run took over this run directory's lease "
+                          f"({_describe_lease(current)}); this run's checkpoints may mix with its", flush=True)
+                    return
+                self._write()
+            except Exception as exc:  # noqa: BLE001  (a heartbeat must never kill training; the next one retries)
+                print(f"warning: {self.path}: lease heartbeat failed ({exc})", flush=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        current = self._read()
+        if current is not None and current["token"] == self.token:
+            self.run_directory.remove_remote(LEASE_OBJECT)
+
+
+def _describe_lease(lease: dict) -> str:
+    return _describe(json.dumps(lease).encode())
+
+
+def lock_run_directory(run_directory, env: DistEnv, lease_ttl_s: float = 120.0) -> RunLock | RunLease | None:
+    """Collective: rank 0 takes the lock (a local run directory) or the lease (a remote one); every rank raises the
+    same refusal if it could not (no rank is left waiting in a collective for one that stopped)."""
+    directory = run_directory.local
     lock, refusal = None, None
     if env.is_main:
-        lock = RunLock(directory)
+        lock = RunLease(run_directory, lease_ttl_s) if run_directory.is_remote else RunLock(directory)
         try:
             previous = lock.acquire()
             if previous:

@@ -211,7 +211,15 @@ class Trainer:
             raise CheckpointError(f"the checkpoint skipped shards {state.get('skipped_shards')} but this run skips "
                                   f"{self.skipped_shards}: the data would differ (add 'data' to "
                                   "checkpoint.allow_changes if intended)")
-        self.engine.load(str(directory / "engine"), int(state["world_size"]))
+        try:
+            self.engine.load(str(directory / "engine"), int(state["world_size"]))
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a shape change let through allow_changes=[model]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{directory}: the engine cannot load this checkpoint into this run's model "
+                                  f"({first[:300]}); to change the model's shape, export the checkpoint and start a "
+                                  "new run with model.init_from") from None
         self.loader.load_state_dict(state["loader"], allow_fingerprint_change="data" in c.allow_changes)
         self.checkpoints.load_rng(directory)
         self.step = int(state["step"])
@@ -410,7 +418,8 @@ def train(config: RunConfig) -> dict:
             raise StorageError(f"preflight: {problems[0]}")
         # Before the trainer writes anything: a second run in the same run_dir would mix its config, metrics and
         # checkpoints with this one's.
-        lock = lock_run_directory(RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir).local, env)
+        lock = lock_run_directory(RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir), env,
+                                  config.checkpoint.lease_ttl_s)
         try:
             trainer = Trainer(config, env)
             return trainer.run()

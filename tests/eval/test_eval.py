@@ -170,3 +170,17 @@ def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, cap
     save_export(small.state_dict(), small.config, tmp_path / "small", own)
     assert main(["eval", str(tmp_path / "small"), *args, "--allow-tokenizer-mismatch"]) == 2
     assert "its tokenizer has 512 ids, the model only 256" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_one_error(dataset_path, tmp_path, capsys):
+    """(As root, a read-only directory is still writable; a path under a regular file fails for every user.)"""
+    from tape_pretrain.cli import main
+    from tape_pretrain.train.export import save_export
+
+    model = small_model()
+    save_export(model.state_dict(), model.config, tmp_path / "export", None)
+    (tmp_path / "plain_file").write_text("x")
+    code = main(["eval", str(tmp_path / "export"), "--data", dataset_path, "--lengths", "32", "--out",
+                 str(tmp_path / "plain_file" / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "give a writable --out" in err, err

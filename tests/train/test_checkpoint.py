@@ -278,3 +278,29 @@ def test_start_over_moves_the_previous_run_aside(tmp_path, dataset_path):
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     resumed = run(train_command(0, cfg, "trainer.max_steps=4", "seed=11"))
     assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout  # the new run, not old step 4
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_a_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, dataset_path, engine):
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk) hits the step-4
+    save of a resumed run: one error naming the checkpoint, no partial step_4, step_2 intact and still resumable."""
+    import resource
+    import signal
+
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "parallel.engine": engine, "trainer.max_steps": 4, "checkpoint.interval": 2})
+    run(train_command(0, cfg, "trainer.stop_at_step=2"))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = subprocess.run(train_command(0, cfg), env=base_env(), capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_files)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "step_00000004: saving the checkpoint failed" in last, last
+    assert "[2] are intact" in last, last
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_00000002"]
+    verify_checkpoint(tmp_path / "run/checkpoints/step_00000002")
+    assert "resumed from" in run(train_command(0, cfg)).stdout
