@@ -1,4 +1,4 @@
-"""No secret from a URL reaches any output (R-number: credentials never printed): user-info is removed at the one
+"""No secret from a URL reaches any output (RELIABILITY.md R22): user-info is removed at the one
 boundary where text leaves the process, whatever printed it."""
 
 import subprocess

@@ -118,10 +118,13 @@ def trained_checkpoints(tmp_path_factory, dataset_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
-def test_no_payload_runs_from_any_checkpoint_file(trained_checkpoints, dataset_path, tmp_path, engine):
-    """R-numbers: R3 (verify before load) is not enough once files.json is rewritten to match, as anyone who can
-    write the run directory (or the bucket prefix) can do: loading itself must never unpickle code."""
+def test_no_payload_runs_from_any_checkpoint_file(trained_checkpoints, dataset_path, tmp_path, request, engine,
+                                                  where):
+    """R17: verifying files.json before loading is not enough once files.json is rewritten to match, as anyone who
+    can write the run directory (or the bucket prefix, where no permission can be checked) can do: loading itself
+    must never unpickle code. Every pickle-bearing file of a checkpoint, both engines, local and S3 run dirs."""
     source = trained_checkpoints[engine]
     step = "checkpoints/step_00000002"
     pickled = sorted(str(p.relative_to(source / step)) for p in (source / step).rglob("*")
@@ -135,8 +138,16 @@ def test_no_payload_runs_from_any_checkpoint_file(trained_checkpoints, dataset_p
         table = json.loads((copy / step / "files.json").read_text())
         table[rel] = {"size": target.stat().st_size, "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
         (copy / step / "files.json").write_text(json.dumps(table))
-        cfg = write_config(tmp_path / "c.yaml", dataset_path, copy, **{
-            "parallel.engine": engine, "trainer.max_steps": 3, "checkpoint.interval": 2})
+        run_dir = copy
+        if where == "s3":
+            import s3fs
+
+            bucket = request.getfixturevalue("s3_env")
+            s3fs.S3FileSystem().put(str(copy), f"{bucket}/{copy.name}", recursive=True)
+            run_dir = f"s3://{bucket}/{copy.name}"
+        cfg = write_config(tmp_path / "c.yaml", dataset_path, run_dir, **{
+            "parallel.engine": engine, "trainer.max_steps": 3, "checkpoint.interval": 2,
+            "checkpoint.staging_dir": str(tmp_path / f"staging_{copy.name}")})
         out = subprocess.run(train_command(0, cfg), env=base_env(), capture_output=True, text=True, timeout=180)
         assert not canary.exists(), f"{rel}: the payload ran"
         assert out.returncode == 2, (rel, out.stderr[-2000:])

@@ -86,7 +86,7 @@ def test_destination_with_other_files_is_refused(tmp_path, corpus_dir, tokenizer
 
 
 def test_overwrite_deletes_only_what_prep_wrote(tmp_path, corpus_dir, tokenizer_path):
-    """R-number R9 (no command destroys data it did not create): a previous dataset plus a user's file is refused
+    """R20 (no command destroys data it did not create): a previous dataset plus a user's file is refused
     whole, before anything is deleted."""
     inputs = [corpus_dir / "*.jsonl"]
     prep(inputs, tokenizer_path, tmp_path / "ds")

@@ -1,4 +1,5 @@
-"""with_retries: transient failures are retried, permanent ones fail at once with one clear error."""
+"""with_retries (RELIABILITY.md R11, R21): transient failures are retried within a deadline, permanent ones fail at
+once; either way one clear error naming the URL."""
 
 import pytest
 

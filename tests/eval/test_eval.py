@@ -152,6 +152,7 @@ def test_bad_eval_lengths_are_one_clear_error(dataset_path, tmp_path, capsys, le
 
 
 def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, capsys):
+    """R9, for evaluation: the model's tokenizer against the dataset's."""
     from tape_pretrain.cli import main
     from tape_pretrain.train.export import save_export
 

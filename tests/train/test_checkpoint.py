@@ -112,7 +112,7 @@ def test_pickle_payload_never_runs(tmp_path, dataset_path):
 
 
 def test_umask_002_checkpoints_resume(tmp_path, dataset_path):
-    """R-numbers R3/R5: under umask 002 the engines create group-writable files; the save removes the write bits
+    """R20: under umask 002 the engines create group-writable files; the save removes the write bits
     (they would make the next resume refuse every checkpoint)."""
     cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 2,
                                                                               "checkpoint.interval": 1})
@@ -129,8 +129,9 @@ def test_umask_002_checkpoints_resume(tmp_path, dataset_path):
 
 @pytest.mark.parametrize("damage", ["group_writable_file", "foreign_owner"])
 def test_untrusted_checkpoint_stops_the_run(tmp_path, dataset_path, damage):
-    """An untrusted newest checkpoint is not skipped for an older one (nor, if it is the only one, replaced by a
-    fresh start from step 0 whose retention would delete the rest): the run stops, and nothing is touched."""
+    """R17 (defence in depth) and R20: an untrusted newest checkpoint is not skipped for an older one (nor, if it is
+    the only one, replaced by a fresh start from step 0 whose retention would delete the rest): the run stops, and
+    nothing is touched."""
     cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 4,
                                                                               "checkpoint.interval": 1})
     run(train_command(0, cfg, "trainer.stop_at_step=2"))
@@ -263,7 +264,7 @@ def test_resume_at_a_curriculum_switch_is_bitwise(tmp_path, dataset_path, curric
 
 
 def test_start_over_moves_the_previous_run_aside(tmp_path, dataset_path):
-    """checkpoint.resume=false checkpoint.overwrite=true: the old run's checkpoints can neither be resumed nor take
+    """R20. checkpoint.resume=false checkpoint.overwrite=true: the old run's checkpoints can neither be resumed nor take
     the new run's place in retention, and nothing of it is deleted."""
     cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 4,
                                                                               "checkpoint.interval": 2})
@@ -282,8 +283,9 @@ def test_start_over_moves_the_previous_run_aside(tmp_path, dataset_path):
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
 def test_a_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, dataset_path, engine):
-    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk) hits the step-4
-    save of a resumed run: one error naming the checkpoint, no partial step_4, step_2 intact and still resumable."""
+    """R20 (disk full). A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full
+    disk) hits the step-4 save of a resumed run: one error naming the checkpoint, no partial step_4, step_2 intact
+    and still resumable."""
     import resource
     import signal
 

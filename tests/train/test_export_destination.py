@@ -1,5 +1,5 @@
 """export never writes into a run or checkpoint directory, and into a non-empty one only with --overwrite
-(RELIABILITY.md: no command destroys data it did not create). The destination is checked before anything loads."""
+(RELIABILITY.md R20: no command destroys data it did not create). The destination is checked before anything loads."""
 
 import json
 
