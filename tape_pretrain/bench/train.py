@@ -27,7 +27,8 @@ def run(steps: int = 12, warmup: int = 4) -> dict:
                      "model.preset=tiny", "trainer.seq_len=256", "trainer.global_batch_tokens=8192",
                      "trainer.micro_batch_size=8", f"trainer.max_steps={warmup + steps}", "trainer.log_interval=1",
                      "trainer.num_threads=2", "trainer.progress_bar=false", "parallel.engine=deepspeed",
-                     "parallel.zero_stage=0", "checkpoint.interval=0", "trainer.eval_interval=0"]
+                     f"parallel.zero_stage={1 if torch.cuda.is_available() else 0}",  # DeepSpeed refuses ZeRO-0 in bf16
+                     "checkpoint.interval=0", "trainer.eval_interval=0"]
         config = load_config(None, overrides)
         train(config)
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,11 @@ from tape_pretrain.utils.safe_load import deepspeed_safe_globals, weights_only_l
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
-from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    safe_get_full_fp32_param,
+    safe_set_full_fp32_param,
+    safe_set_local_fp32_param,
+)
 
 # `import deepspeed.comm.torch as m` would bind the torch package (an attribute of deepspeed.comm).
 _ds_comm = importlib.import_module("deepspeed.comm.torch")
@@ -62,6 +66,11 @@ def deepspeed_config(config: RunConfig, env: DistEnv, grad_accum: int) -> dict:
             if key in user and user[key] != ds.get(key, user[key]):
                 raise ConfigError(f"parallel.deepspeed_config sets {key}={user[key]}: batch sizes come from "
                                   "trainer.global_batch_tokens and trainer.micro_batch_size")
+        # Precision is the trainer's: it decides the fp32 accumulation and reduction above, and the export.
+        for key in ("bf16", "fp16", "data_types", "communication_data_type"):
+            if key in user and user[key] != ds.get(key):
+                raise ConfigError(f"parallel.deepspeed_config sets {key}: precision comes from trainer.precision "
+                                  "(bf16 runs accumulate and reduce gradients in fp32; fp16 is not supported)")
         _merge(ds, user)
     return ds
 
@@ -72,6 +81,21 @@ def _merge(base: dict, update: dict) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+def _set_fp32_master(param, value: torch.Tensor) -> None:
+    """Set a parameter's fp32 master copy (every rank calls it with the full value; no collective)."""
+    if hasattr(param, "ds_id"):
+        # ZeRO-3: DeepSpeed's set_full_hp_param slices rank r's partition as value[r*p:(r+1)*p] without the padding
+        # it adds to sizes not divisible by the world size (the last rank read past the end). Pad, then set ours.
+        group = getattr(param, "ds_process_group", None)
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        local = param.ds_tensor.numel()
+        padded = torch.zeros(local * world, dtype=torch.float32, device=value.device)
+        padded[:value.numel()] = value.flatten()
+        safe_set_local_fp32_param(param, padded.narrow(0, local * rank, local))
+    else:
+        safe_set_full_fp32_param(param, value)
 
 
 class DeepSpeedEngine(Engine):
@@ -94,7 +118,7 @@ class DeepSpeedEngine(Engine):
             if name not in initial:
                 continue
             if param.requires_grad:
-                safe_set_full_fp32_param(param, initial[name].to(param.device))
+                _set_fp32_master(param, initial[name].to(param.device))
             else:
                 self._frozen_fp32[name] = initial[name]
 
@@ -154,7 +178,8 @@ class DeepSpeedEngine(Engine):
             state = {}
             for name, param in self.module.named_parameters():
                 full = safe_get_full_fp32_param(param) if param.requires_grad else None
-                state[name] = full.cpu() if full is not None else self._frozen_fp32[name].cpu()
+                if self.env.is_main:  # only rank 0 writes the export: the others let each tensor go at once
+                    state[name] = full.cpu() if full is not None else self._frozen_fp32[name].cpu()
             return state
         if self.config.parallel.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0

@@ -30,26 +30,28 @@ from tests.helpers import metrics, run, train_command, write_config
 STEPS = 5
 # 16 windows of 64 tokens per step in micro-batches of 4: accumulation 4 on one process, 2 on two. The pre-clip
 # grad norm is 0.6-0.9 over these steps, so a clip at 0.5 is active at every step. Cosine after 2 warmup steps.
+# Three heads of width 16: TAPE's 3x3 gamma matrix has 9 elements, which 2 ranks cannot split evenly (ZeRO-3 pads).
 SETTINGS = {"trainer.max_steps": STEPS, "trainer.global_batch_tokens": 1024, "trainer.micro_batch_size": 4,
-            "optim.grad_clip": 0.5, "schedule.name": "cosine", "schedule.warmup_steps": 2}
-# fp32 on CPU. Measured over all ten variants: losses within 6e-8 relative, grad norms within 1.7e-7, weights within
-# 5e-6 of their tensor's largest weight (2.9e-5 for ZeRO-3, from two of 4,096 elements whose tiny gradients Adam
-# normalises to full-size steps). Missing weight decay alone moves weights by about 4e-4 in 5 steps.
-# bf16 (compute in bf16, fp32 master weights, fp32 accumulation and reduction) against the bf16 reference: losses
-# within 7.5e-6, grad norms within 1e-4, weights within 4.2e-4 — where the bf16 runs differ from the fp32 reference
-# by 1e-4, 1.8e-3 and 0.14, so these tolerances still separate bf16 from fp32 training, let alone a factor of 2.
-TOLERANCES = {"fp32": {"loss": 1e-6, "grad_norm": 1e-5, "weights": 1e-4},
-              "bf16": {"loss": 3e-5, "grad_norm": 4e-4, "weights": 2e-3}}
+            "optim.grad_clip": 0.5, "schedule.name": "cosine", "schedule.warmup_steps": 2,
+            "model.hidden_size": 48, "model.num_heads": 3, "model.ffn_hidden_size": 96}
+# Relative errors; weights as ||w - w_ref|| / ||w_ref|| per tensor. Measured over every variant (fp32): losses
+# 6.1e-8, grad norms 9.3e-8, weights 2.2e-6; missing weight decay alone moves weights by about 1.5e-3 in 5 steps.
+# bf16 (bf16 compute, fp32 master weights, accumulation, reduction and clipping) against the bf16 reference loop:
+# losses 3.8e-6, grad norms 6.1e-5, weights 9.3e-4, where the same runs differ from fp32 training by 1e-4 (loss)
+# and 1.8e-3 (grad norm); DeepSpeed starting from bf16-rounded weights (no fp32 master reset) moved losses 3.3e-5.
+TOLERANCES = {"fp32": {"loss": 1e-6, "grad_norm": 1e-6, "weights": 1e-5},
+              "bf16": {"loss": 1.5e-5, "grad_norm": 2e-4, "weights": 2e-3}}
 
-VARIANTS = {}  # name: (processes, engine, zero stage, precision)
+VARIANTS = {}  # name: (processes, engine, zero stage, precision, encoding)
 for processes in (1, 2):
     for engine, stage in (("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp2", 0)):
         label = f"zero{stage}" if engine == "deepspeed" else engine
-        VARIANTS[f"{label}-{processes}"] = (processes, engine, stage, "fp32")
-        # DeepSpeed refuses ZeRO-0 in bf16 (no fp32 accumulation or settable master weights there); two-process
-        # bf16 runs cover FSDP2 and the paper's ZeRO-2 and ZeRO-3, one process covers every stage.
-        if (engine, stage) != ("deepspeed", 0) and (processes == 1 or stage != 1):
-            VARIANTS[f"{label}-{processes}-bf16"] = (processes, engine, stage, "bf16")
+        VARIANTS[f"{label}-{processes}"] = (processes, engine, stage, "fp32", "tape")
+        if (engine, stage) != ("deepspeed", 0):  # DeepSpeed has no fp32 accumulation at ZeRO-0: refused in bf16
+            VARIANTS[f"{label}-{processes}-bf16"] = (processes, engine, stage, "bf16", "tape")
+# FIRE's one-element parameters (0-dim ones failed at start-up on FSDP2 and on DeepSpeed with 2 ranks).
+VARIANTS["fsdp2-1-fire"] = (1, "fsdp2", 0, "fp32", "fire")
+VARIANTS["zero2-2-fire"] = (2, "deepspeed", 2, "fp32", "fire")
 # One process is fast (3-8 s a run) and runs in the default fast suite; two processes are the slow, distributed half.
 PARAMS = [pytest.param(name, marks=[] if VARIANTS[name][0] == 1 else [pytest.mark.slow, pytest.mark.distributed])
           for name in VARIANTS]
@@ -114,20 +116,21 @@ def reference(workdir, dataset_path):
     """The reference loop's results per precision, computed on first use."""
     results = {}
 
-    def get(precision: str) -> dict:
-        if precision not in results:
-            config = write_config(workdir / f"reference-{precision}.yaml", dataset_path, workdir / "reference",
-                                  **SETTINGS)
-            results[precision] = reference_training(config, bf16=precision == "bf16")
-        return results[precision]
+    def get(precision: str, encoding: str) -> dict:
+        if (precision, encoding) not in results:
+            config = write_config(workdir / f"reference-{precision}-{encoding}.yaml", dataset_path,
+                                  workdir / "reference", **SETTINGS, **{"model.positional.name": encoding})
+            results[precision, encoding] = reference_training(config, bf16=precision == "bf16")
+        return results[precision, encoding]
 
     return get
 
 
 def engine_run(workdir, dataset_path, name) -> dict:
-    processes, engine, stage, precision = VARIANTS[name]
-    config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **SETTINGS,
-                          **{"parallel.engine": engine, "parallel.zero_stage": stage, "trainer.precision": precision})
+    processes, engine, stage, precision, encoding = VARIANTS[name]
+    config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **SETTINGS, **{
+        "parallel.engine": engine, "parallel.zero_stage": stage, "trainer.precision": precision,
+        "model.positional.name": encoding})
     run(train_command(0 if processes == 1 else processes, config))
     weights = load_file(str(workdir / name / "export" / "model.safetensors"))  # the end-of-run export
     return {"metrics": metrics(workdir / name), "weights": weights}
@@ -139,8 +142,8 @@ def relative(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, name):
-    precision = VARIANTS[name][3]
-    want, tol = reference(precision), TOLERANCES[precision]
+    precision, encoding = VARIANTS[name][3:]
+    want, tol = reference(precision, encoding), TOLERANCES[precision]
     result = engine_run(workdir, dataset_path, name)
     records = result["metrics"]
     assert sorted(records) == list(range(1, STEPS + 1))
@@ -153,9 +156,15 @@ def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, nam
     weights = result["weights"]
     assert set(weights) == set(want["weights"])
     for key, expected in want["weights"].items():
-        assert weights[key].dtype == torch.float32  # bf16 runs export their fp32 master weights
-        error = (weights[key] - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+        if key.endswith("positional.mlp.2.bias"):
+            # FIRE's output bias adds one constant per head to every logit of a row: softmax cancels it, so its
+            # gradient is zero up to rounding, and Adam turns that rounding into full-size steps of random sign.
+            continue
+        error = ((weights[key] - expected).norm() / max(expected.norm().item(), 1e-12)).item()
         assert error <= tol["weights"], (name, key, error)
+        if precision == "bf16" and weights[key].numel() >= 16 and weights[key].abs().max() > 0:
+            # the export holds the fp32 master weights (and unrounded frozen ones), not the bf16 module copy
+            assert not torch.equal(weights[key], weights[key].to(torch.bfloat16).float()), (name, key)
     # The data side: same windows in the same order on every engine and world size, and the metrics a user reads.
     assert [records[s]["windows_hash"] for s in range(1, STEPS + 1)] == want["windows_hash"]
     record = records[3]
@@ -166,7 +175,7 @@ def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, nam
 
 
 def test_reference_learns(reference):
-    losses = reference("fp32")["loss"]
+    losses = reference("fp32", "tape")["loss"]
     assert losses[-1] < losses[0] - 0.3
 
 

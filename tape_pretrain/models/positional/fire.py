@@ -21,8 +21,10 @@ class FIRELayer(PositionalLayer):
     def __init__(self, num_heads: int, width: int, init_c: float, init_threshold: float):
         super().__init__()
         self.init_c, self.threshold_scale = init_c, init_threshold
-        self.c = nn.Parameter(torch.tensor(init_c))
-        self.threshold = nn.Parameter(torch.tensor(1.0))  # lambda; L~ = |lambda * init_threshold|
+        # One-element vectors, not 0-dim scalars: FSDP2 cannot shard a scalar parameter and DeepSpeed cannot
+        # broadcast one (both fail at start-up).
+        self.c = nn.Parameter(torch.tensor([init_c]))
+        self.threshold = nn.Parameter(torch.tensor([1.0]))  # lambda; L~ = |lambda * init_threshold|
         self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, num_heads))
 
     def reset_parameters(self):
