@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tape_pretrain.utils.redact import RedactingStream
+from tape_pretrain.utils.redact import RedactingStream, remember_secrets
 
 
 def _storage_options(items: list[str]) -> dict[str, str]:
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         if command in ("train", "bench", "eval", "study"):
             tune_cpu_allocator(argv)
+    remember_secrets(list(argv))  # URLs given on the command line, overrides included
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

@@ -394,6 +394,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
         raise ConfigError(f"{what} {path} is not valid YAML: {first}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    from tape_pretrain.utils.redact import remember_secrets
+
+    remember_secrets(loaded or {})
     return loaded or {}
 
 

@@ -30,3 +30,11 @@ def test_an_unexpected_traceback_is_redacted(cli_env, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "boom at" in out.stderr
     assert SECRET not in out.stderr + out.stdout
+
+
+def test_user_info_quoted_by_a_library_out_of_url_form_is_redacted(capsys, tmp_path, s3_env):
+    """s3fs/botocore report 'Invalid bucket name "bob:PW@bkt"': no scheme left for the URL pattern to match."""
+    code = main(["data", "inspect", f"s3://bob:{SECRET}@{s3_env}/ds"])
+    captured = capsys.readouterr()
+    assert code == 2 and "error:" in captured.err
+    assert SECRET not in captured.err + captured.out, captured.err

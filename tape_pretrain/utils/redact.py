@@ -7,13 +7,37 @@ from typing import Any
 
 # Whole name parts: api_key, secret_access_key, hf_token, password; not global_batch_tokens.
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|token|password|passwd|credentials?|auth)(_|$)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<info>[^/@\s]+)@")
 REDACTED = "***"
+_KNOWN_SECRETS: set[str] = set()
+"""User-info seen in the URLs this process was given: libraries quote it out of URL form ('Invalid bucket name
+"bob:PW@bkt"'), where the URL pattern no longer matches, so the literal strings are redacted too."""
+
+
+def remember_secrets(value: Any) -> None:
+    """Record the user-info of every URL in ``value`` (a string, or a mapping/list of them)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            remember_secrets(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            remember_secrets(item)
+    elif isinstance(value, str):
+        for match in _URL_USERINFO.finditer(value):
+            info = match.group("info")
+            _KNOWN_SECRETS.add(info)
+            password = info.partition(":")[2]
+            if len(password) >= 3:
+                _KNOWN_SECRETS.add(password)
 
 
 def redact_text(text: str) -> str:
-    """Drop user-info from URLs (s3://KEY:SECRET@bucket -> s3://***@bucket)."""
-    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    """Drop user-info from URLs (s3://KEY:SECRET@bucket -> s3://***@bucket), and any known user-info string."""
+    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):  # the whole user:password before its password
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def redact(value: Any, key: str = "") -> Any:

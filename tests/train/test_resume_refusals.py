@@ -65,6 +65,15 @@ def test_changed_model_shape_is_refused_by_the_cli(tmp_path, checkpointed, datas
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [step_dir_name(STEPS)]
 
 
+def test_a_shape_change_let_through_allow_changes_is_one_error(tmp_path, checkpointed, dataset_path):
+    """allow_changes=[model] waives the check, but no engine can load 2 layers into 3: one error, not a traceback."""
+    config = copy_run(checkpointed, tmp_path, dataset_path)
+    result = run(train_command(0, config, "model.num_layers=3", "trainer.max_steps=4",
+                               "checkpoint.allow_changes=[model]"), check=False, timeout=180)
+    assert_refused(result, "cannot load this checkpoint into this run's model", "model.init_from")
+    assert max(metrics(tmp_path / "run")) == STEPS
+
+
 def test_changed_global_batch_is_refused_then_allowed_by_the_cli(tmp_path, checkpointed, dataset_path):
     config = copy_run(checkpointed, tmp_path, dataset_path)
     changed = ("trainer.global_batch_tokens=1024", "trainer.max_steps=4")
