@@ -7,6 +7,7 @@ Precedence is command line > file > defaults. Unknown keys and ill-typed values 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -409,6 +410,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config
 
 
+def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float field of a config tree, with its dotted path."""
+    out = []
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _floats(value, name + ".")
+        elif isinstance(value, float):
+            out.append((name, value))
+        elif isinstance(value, tuple | list):
+            out += [(f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+    return out
+
+
 def validate(config: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     t = config.trainer
@@ -447,6 +462,14 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"curriculum.start_seq_len={start} must divide trainer.seq_len={t.seq_len}")
         if config.curriculum.phases:
             raise ConfigError("curriculum: give phases or a warmup, not both")
+    for name, value in _floats(config):  # inf and nan pass every comparison below or crash later
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+    for name, value in (("trainer.eval_batches", t.eval_batches), ("trainer.eval_interval", t.eval_interval),
+                        ("checkpoint.interval", config.checkpoint.interval),
+                        ("checkpoint.keep_every", config.checkpoint.keep_every), ("seed", config.seed)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
     o = config.optim
     if not o.lr > 0:
         raise ConfigError(f"optim.lr must be positive, got {o.lr}")
@@ -456,8 +479,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"optim.eps must be positive, got {o.eps}")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError(f"optim.weight_decay and optim.grad_clip must be >= 0, got {o.weight_decay}, {o.grad_clip}")
-    if not config.checkpoint.lease_ttl_s >= 10:
-        raise ConfigError(f"checkpoint.lease_ttl_s must be at least 10 s, got {config.checkpoint.lease_ttl_s}")
+    if not 10 <= config.checkpoint.lease_ttl_s <= 86_400:
+        raise ConfigError(f"checkpoint.lease_ttl_s must be between 10 s and a day, got {config.checkpoint.lease_ttl_s}")
     if not config.parallel.timeout_s > 0:
         raise ConfigError(f"parallel.timeout_s must be positive, got {config.parallel.timeout_s}")
     s = config.schedule

@@ -77,3 +77,16 @@ def test_missing_init_from(tmp_path, dataset_path, cli_env):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nowhere'}: no model.safetensors")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_mistyped_data_path_is_one_preflight_error(tmp_path, dataset_path, cli_env):
+    import subprocess
+    import sys
+
+    from tests.helpers import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "no_such_dataset"), tmp_path / "run")
+    out = subprocess.run([sys.executable, "-m", "tape_pretrain.cli", "train", str(cfg)], env=cli_env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: preflight: rank 0: dataset:")

@@ -46,6 +46,11 @@ def test_overrides_take_precedence(tmp_path):
     (["optim.eps=0"], "optim.eps must be positive"),
     (["parallel.timeout_s=-5"], "parallel.timeout_s must be positive"),
     (["optim.lr=1e-3x"], "optim.lr: expected a number"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number"),
+    (["parallel.timeout_s=.nan"], "parallel.timeout_s must be a finite number"),
+    (["trainer.eval_batches=-1"], "trainer.eval_batches must be >= 0"),
+    (["checkpoint.interval=-5"], "checkpoint.interval must be >= 0"),
+    (["checkpoint.lease_ttl_s=1e999"], "checkpoint.lease_ttl_s must be a finite number"),
 ])
 def test_bad_values_name_the_dotted_path(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,7 @@ and secrets that must never be written anywhere."""
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -185,3 +186,43 @@ def test_secrets_never_reach_any_file(dataset_path, tmp_path):
         assert secret.encode() not in data and wandb_key.encode() not in data, path
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["storage_options"] == {"secret": "***", "key": "***"}
+
+
+@pytest.mark.parametrize("files, state, message", [
+    ("[]", "{}", "not a table of files"),
+    ('{"trainer_state.json": 5}', "{}", "not a table of files"),
+    ("[" * 100_000, "{}", "files.json: unreadable"),
+    (None, "[1]", "not a trainer state"),
+    (None, "{bad", "trainer_state.json: unreadable"),
+])
+def test_hostile_checkpoint_json_is_one_error(tmp_path, capsys, files, state, message):
+    """R17/R7: a checkpoint's JSON written by an attacker (or a disk) never reaches the code as a traceback."""
+    from tape_pretrain.cli import main
+
+    step = tmp_path / "run/checkpoints/step_00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(state)
+    if files is None:  # a consistent files.json, so that only the trainer state is wrong
+        data = (step / "trainer_state.json").read_bytes()
+        files = json.dumps({"trainer_state.json": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
+    (step / "files.json").write_text(files)
+    (step / "COMPLETE").write_text("2\n")
+    code = main(["export", str(step), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_weights_only_loading_coexists_with_the_users_opposite_override(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (set by users to read old checkpoints) would make torch refuse both."""
+    from tape_pretrain.errors import CheckpointError
+    from tape_pretrain.utils.safe_load import weights_only_loading
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    torch.save(Payload(tmp_path / "canary"), tmp_path / "payload.pt")
+    with weights_only_loading():
+        assert torch.equal(torch.load(tmp_path / "ok.pt")["w"], torch.ones(3))
+    with pytest.raises(CheckpointError, match="refusing"), weights_only_loading():
+        torch.load(tmp_path / "payload.pt", weights_only=False)
+    assert not (tmp_path / "canary").exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # the user's setting is back afterwards

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tape_pretrain.data.manifest import MANIFEST, SPLITS, TOKENIZER, Manifest, ShardInfo, sha256_file
-from tape_pretrain.data.sources import TEXT_NORMALIZATION, SourceStats, iter_documents
+from tape_pretrain.data.sources import TEXT_NORMALIZATION, SourceStats, check_inputs, iter_documents
 from tape_pretrain.data.storage import exists, is_local, join, open_url, read_bytes, write_bytes_atomic
 from tape_pretrain.data.tokenizer import Tokenizer
 from tape_pretrain.errors import DataError
@@ -252,6 +252,7 @@ def prepare(options: PrepOptions) -> Manifest:
     dtype = _resolve_dtype(options, tokenizer)
     recipe = _recipe(options, tokenizer, dtype)
     _check_out_against_inputs(options)
+    check_inputs([str(s) for s in options.inputs], options.storage_options)  # before --overwrite deletes anything
     fs, root = open_url(options.out, options.storage_options)
     if _prepare_destination(fs, root, options, recipe):
         manifest = Manifest.from_bytes(read_bytes(fs, join(root, MANIFEST)), options.out)

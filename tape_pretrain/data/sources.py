@@ -114,7 +114,8 @@ def _parquet_documents(fs, path: str, text_field: str) -> Iterator[str]:
             raise DataError(f"{path}: corrupt parquet data ({exc})") from None
 
 
-def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_options) -> Iterator[str]:
+def _input_files(spec: str, storage_options):
+    """(filesystem, sorted file paths) of a path, glob or folder input; DataError if nothing matches."""
     fs, _ = open_url(spec, storage_options)
     try:
         paths = sorted(fs.glob(fs._strip_protocol(spec))) if any(c in spec for c in "*?[") else [
@@ -125,6 +126,18 @@ def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_opti
         raise DataError(f"{spec}: cannot list input ({exc})") from None
     if not paths or not fs.exists(paths[0]):
         raise DataError(f"{spec}: no input files match")
+    return fs, paths
+
+
+def check_inputs(specs: list[str], storage_options=None) -> None:
+    """Every file input matches at least one file (checked before prep --overwrite deletes anything)."""
+    for spec in specs:
+        if not spec.startswith(("builtin:", "hf:")):
+            _input_files(spec, storage_options)
+
+
+def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_options) -> Iterator[str]:
+    fs, paths = _input_files(spec, storage_options)
     for path in paths:
         stats.files += 1
         if path.endswith(".parquet"):

@@ -23,7 +23,7 @@ RETRY_ATTEMPTS = int(os.environ.get("TAPE_PRETRAIN_STORAGE_RETRIES", "6"))
 RETRY_BASE_DELAY_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_BACKOFF_S", "0.5"))
 RETRY_MAX_DELAY_S = 20.0
 DEADLINE_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_DEADLINE_S", "180"))
-"""Total time one operation may take, its retries included."""
+"""How long one operation keeps retrying after its first failure (each attempt is bounded by the timeouts below)."""
 CONNECT_TIMEOUT_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_CONNECT_TIMEOUT_S", "10"))
 READ_TIMEOUT_S = float(os.environ.get("TAPE_PRETRAIN_STORAGE_READ_TIMEOUT_S", "60"))
 """An endpoint that accepts connections and never answers costs at most this per attempt."""
@@ -85,7 +85,8 @@ def with_retries(operation: Callable[[], T], what: str, attempts: int | None = N
     failure (4xx, missing bucket, access denied, invalid name, disk full, read-only) fails at once. Either way,
     one StorageError naming ``what`` (secrets removed) and the attempts made. FileNotFoundError passes through."""
     attempts = attempts or RETRY_ATTEMPTS
-    deadline = time.monotonic() + (deadline_s or DEADLINE_S)
+    budget = deadline_s or DEADLINE_S
+    deadline = None  # counted from the first failure: a long transfer that fails late still gets its retries
     transient = _transient_errors()
     for attempt in range(1, attempts + 1):
         try:
@@ -98,8 +99,9 @@ def with_retries(operation: Callable[[], T], what: str, attempts: int | None = N
             if reason is not None:
                 raise StorageError(f"{redact_url(what)}: {reason} (not retried): {detail}") from None
             delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1)) * (0.5 + random.random())
+            deadline = deadline or time.monotonic() + budget
             if attempt == attempts or time.monotonic() + delay >= deadline:
-                spent = (deadline_s or DEADLINE_S) - (deadline - time.monotonic())
+                spent = budget - (deadline - time.monotonic())
                 tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
                 raise StorageError(f"{redact_url(what)}: failed after {tries} in {spent:.0f} s: {detail}") from None
             time.sleep(delay)

@@ -11,7 +11,7 @@ import torch
 
 from tape_pretrain.config import ConfigError, RunConfig
 from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
-from tape_pretrain.distributed.env import DistEnv, barrier
+from tape_pretrain.distributed.env import DistEnv, all_agree_all, barrier
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.utils.safe_load import deepspeed_safe_globals, weights_only_loading
 
@@ -157,6 +157,7 @@ class DeepSpeedEngine(Engine):
         step_dir = os.path.dirname(os.path.abspath(directory))  # RUN_DIR/checkpoints/step_N
         run_dir = os.path.dirname(os.path.dirname(step_dir))
         out = os.path.join(run_dir, ".universal", f"{os.path.basename(step_dir)}-{socket.gethostname()}")
+        failure = None
         if self.env.local_rank == 0:
             shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
             # In a fresh process: the converter must not issue collectives on this job's process group.
@@ -168,8 +169,10 @@ class DeepSpeedEngine(Engine):
                 capture_output=True, text=True)
             if result.returncode != 0:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise CheckpointError(f"{step_dir}: DeepSpeed's universal conversion failed: {tail[0]}")
-        barrier(self.env)
+                failure = f"{step_dir}: DeepSpeed's universal conversion failed: {tail[0]}"
+        # every rank learns of a failure (a rank left in a barrier would report a gloo error as the cause)
+        if not all_agree_all(failure is None, self.env):
+            raise CheckpointError(failure or f"{step_dir}: DeepSpeed's universal conversion failed on another node")
         return out
 
     def full_state_dict(self):

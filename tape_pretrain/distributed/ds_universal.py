@@ -9,9 +9,10 @@ import runpy
 
 import torch
 
-from tape_pretrain.utils.safe_load import WEIGHTS_ONLY_ENV, deepspeed_safe_globals
+from tape_pretrain.utils.safe_load import NO_WEIGHTS_ONLY_ENV, WEIGHTS_ONLY_ENV, deepspeed_safe_globals
 
 if __name__ == "__main__":
     os.environ[WEIGHTS_ONLY_ENV] = "1"  # inherited by the converter's worker processes
+    os.environ.pop(NO_WEIGHTS_ONLY_ENV, None)  # torch refuses both set
     torch.serialization.add_safe_globals(deepspeed_safe_globals())
     runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)

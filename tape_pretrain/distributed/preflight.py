@@ -36,6 +36,11 @@ def bytes_the_run_writes(config: RunConfig, vocab_size: int) -> int:
     return params * per_param * (config.checkpoint.keep_last + 1) + params * 4
 
 
+def _bytes_under(root: Path, names: tuple[str, ...]) -> int:
+    return sum(p.stat().st_size for name in names if (root / name).is_dir()
+               for p in (root / name).rglob("*") if p.is_file())
+
+
 def _check_run_dir(run_dir: str) -> str:
     if "://" in run_dir and not run_dir.startswith("file://"):
         from tape_pretrain.data.storage import join, open_url, with_retries
@@ -65,6 +70,7 @@ def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
     lines = {"host": socket.gethostname(), "rank": env.rank, "local_rank": env.local_rank,
              "device": str(env.device)}
     problems = []
+    manifest = None
     if config is not None:
         try:
             manifest, fp = load_manifest(config.data.path, config.data.storage_options) if config.data.path else (
@@ -83,11 +89,14 @@ def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
         free = _free_gib(local_dir)
         lines["free_gib_run_dir"] = round(free, 1)
         if manifest is not None and env.local_rank == 0:
-            needed = bytes_the_run_writes(config, int(manifest.tokenizer["vocab_size"])) / 2**30
-            lines["run_writes_gib"] = round(needed, 2)
+            total = bytes_the_run_writes(config, int(manifest.tokenizer["vocab_size"])) / 2**30
+            # a resumed run already holds some of it (retention replaces those checkpoints, the export is rewritten)
+            held = _bytes_under(Path(os.path.expanduser(local_dir)), ("checkpoints", "export")) / 2**30
+            needed = max(total - held, 0.0)
+            lines["run_writes_gib"] = round(needed, 3)
             if needed > free:
-                problems.append(f"{local_dir} has {free:.2f} GiB free but the run will write about {needed:.2f} GiB "
-                                f"(checkpoint.keep_last={config.checkpoint.keep_last} + 1 checkpoints and the "
+                problems.append(f"{local_dir} has {free:.3f} GiB free but the run will write about {needed:.3f} GiB "
+                                f"more (checkpoint.keep_last={config.checkpoint.keep_last} + 1 checkpoints and the "
                                 "export): free space, lower checkpoint.keep_last, or move run_dir")
     tensor = torch.ones(1, device=env.device)
     start = time.perf_counter()

@@ -61,10 +61,13 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
             raise CheckpointError(f"{directory}: not a checkpoint (give RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN)")
         raise CheckpointError(f"{directory}: no {COMPLETE} marker (interrupted save)")
     _check_trusted(directory, allow_group_writable)
-    try:
-        table = json.loads((directory / FILES).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory / FILES}: unreadable ({exc})") from None
+    table = _read_json(directory / FILES)
+    if not isinstance(table, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in table.values()):
+        raise CheckpointError(f"{directory / FILES}: not a table of files with sizes and checksums (tampered?)")
+    if TRAINER_STATE not in table:
+        raise CheckpointError(f"{directory}: {TRAINER_STATE} is not recorded in {FILES} (tampered?)")
     for rel, expected in table.items():
         path = directory / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -78,7 +81,20 @@ def verify_checkpoint(directory: Path, allow_group_writable: bool = False) -> di
     extra = set(_file_table_names(directory)) - set(table)
     if extra:
         raise CheckpointError(f"{directory}: unrecorded file {sorted(extra)[0]!r} (tampered?)")
-    return json.loads((directory / TRAINER_STATE).read_text())
+    state = _read_json(directory / TRAINER_STATE)
+    missing = [k for k in ("step", "engine", "world_size", "model", "loader") if not isinstance(state, dict) or
+               k not in state]
+    if missing:
+        raise CheckpointError(f"{directory / TRAINER_STATE}: not a trainer state (no {missing[0]!r}; tampered?)")
+    return state
+
+
+def _read_json(path: Path):
+    """A small JSON file of a checkpoint; one CheckpointError for anything unreadable, however hostile."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 class UntrustedCheckpointError(CheckpointError):
@@ -91,11 +107,14 @@ def _check_trusted(directory: Path, allow_group_writable: bool) -> None:
     writable by other users, or owned by another user."""
     forbidden = stat.S_IWOTH if allow_group_writable else stat.S_IWGRP | stat.S_IWOTH
     for path in (directory, *sorted(directory.rglob("*"))):
-        info = path.lstat()
+        try:
+            info = path.stat()  # a symlink is judged by what loading reads: its target
+        except OSError as exc:
+            raise UntrustedCheckpointError(f"{path}: cannot be checked ({exc.strerror})") from None
         if info.st_uid != os.getuid():
             raise UntrustedCheckpointError(f"{path}: owned by another user (uid {info.st_uid}); refusing to load it "
                                            "(copy the checkpoint, or chown it, if you trust it)")
-        if not stat.S_ISLNK(info.st_mode) and info.st_mode & forbidden:
+        if info.st_mode & forbidden:
             raise UntrustedCheckpointError(
                 f"{path}: writable by other users; refusing to load it (chmod -R go-w the checkpoint if you trust "
                 "it, or set checkpoint.allow_group_writable=true for group-writable ones)")

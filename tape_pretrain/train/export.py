@@ -99,6 +99,8 @@ def _find_checkpoint(checkpoint: str, staging_root: str) -> tuple[Path, dict]:
 def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> None:
     """Export a checkpoint directory (or a run directory: its newest complete checkpoint), whatever its engine
     and world size, to a consolidated export. Files are verified against files.json before anything loads."""
+    if "://" in out:
+        raise CheckpointError(f"--out {out}: export writes a local directory (copy it to object storage after)")
     _check_export_destination(Path(out), overwrite)
     with tempfile.TemporaryDirectory(prefix="tape_pretrain_export_") as staging:
         _export(*_find_checkpoint(checkpoint, staging), out)
@@ -119,11 +121,8 @@ def _check_export_destination(out: Path, overwrite: bool) -> None:
     if (resolved / "checkpoints").is_dir() or (resolved / "metrics.jsonl").exists():
         raise CheckpointError(f"--out {out} is a run directory: export elsewhere (every finished run already has "
                               "RUN_DIR/export)")
-    if resolved.is_dir() and any(resolved.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an export there")
-        for name in EXPORT_FILES:  # a stale tokenizer.model must not survive an export that has none
-            (resolved / name).unlink(missing_ok=True)
+    if resolved.is_dir() and any(resolved.iterdir()) and not overwrite:
+        raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an export there")
 
 
 def _export(path: Path, state: dict, out: str) -> None:
@@ -156,5 +155,7 @@ def _export(path: Path, state: dict, out: str) -> None:
             tokenizer = read_bytes(fs, join(root, TOKENIZER))
         except (OSError, ValueError, RuntimeError):
             print(f"warning: tokenizer of {data_path} not reachable; export has no tokenizer.model")
+    for name in EXPORT_FILES:  # only now, with the new export in hand: a stale tokenizer.model must not survive
+        (Path(out) / name).unlink(missing_ok=True)
     save_export(weights, model_config, Path(out), tokenizer)
     print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import threading
@@ -42,7 +43,11 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock or raise RunDirectoryBusy naming the holder. Returns the previous holder's description
         when it died without releasing (its text was left behind), else None."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: truncating and writing it would destroy whatever it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open the run lock ({exc.strerror}; a symlink there is "
+                                  "refused)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -50,6 +55,10 @@ class RunLock:
             os.close(fd)
             raise RunDirectoryBusy(f"{self.path.parent}: in use by another run ({holder}); wait for it or stop it, "
                                    "or use another run_dir") from None
+        except OSError as exc:  # ENOLCK and friends: a filesystem without flock
+            os.close(fd)
+            raise CheckpointError(f"{self.path}: this filesystem cannot lock files ({exc.strerror}); use a run_dir "
+                                  "on a local disk, or an s3:// or gs:// run_dir (lease)") from None
         previous = os.pread(fd, 4096, 0)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
@@ -74,6 +83,8 @@ def _describe(raw: bytes) -> str:
 
 
 LEASE_OBJECT = ".tape_pretrain.lease"
+MAX_LEASE_TTL_S = 86_400.0
+"""A lease claiming to last longer than a day was not written by a run with a valid lease_ttl_s."""
 
 
 class RunLease:
@@ -99,9 +110,12 @@ class RunLease:
             return None
         try:
             lease = json.loads(raw)
-            return lease if isinstance(lease, dict) and "token" in lease and "expires" in lease else None
         except ValueError:
-            return None
+            return {"token": None, "expires": 0.0}  # unreadable: treated as expired (taken over with a warning)
+        if not isinstance(lease, dict) or not isinstance(lease.get("expires"), int | float) or \
+                not math.isfinite(lease["expires"]) or lease["expires"] > time.time() + MAX_LEASE_TTL_S:
+            return {"token": None, "expires": 0.0}
+        return lease
 
     def _write(self) -> None:
         lease = {"token": self.token, "expires": time.time() + self.ttl_s, **self.holder}
@@ -131,10 +145,12 @@ class RunLease:
             try:
                 current = self._read()
                 if current is not None and current["token"] != self.token:
+                    # Another run took the lease (this one stalled past the TTL). Writing on would mix the two runs'
+                    # checkpoints and metrics: stop now, without a save; the other ranks follow on their timeout.
                     self.lost = True
-                    print(f"warning: {self.path}: another run took over this run directory's lease "
-                          f"({_describe_lease(current)}); this run's checkpoints may mix with its", flush=True)
-                    return
+                    print(f"error: {self.path}: another run took over this run directory's lease "
+                          f"({_describe_lease(current)}); stopping at once without writing more", flush=True)
+                    os._exit(3)
                 self._write()
             except Exception as exc:  # noqa: BLE001  (a heartbeat must never kill training; the next one retries)
                 print(f"warning: {self.path}: lease heartbeat failed ({exc})", flush=True)

@@ -232,7 +232,7 @@ class Trainer:
         """Start over without destroying anything and without leaving an old step to resume: the previous run's
         checkpoints, metrics, config and export move to RUN_DIR/replaced_<time>/ (delete it when done with it)."""
         if self.env.is_main:
-            aside = f"replaced_{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = f"replaced_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"  # two start-overs in one second
             moved = self.run_directory.move_aside(("checkpoints", "metrics.jsonl", "config.json", "export"), aside)
             print(f"checkpoint.overwrite: moved the previous run's {', '.join(moved)} to "
                   f"{redact_text(self.config.run_dir)}/{aside}", flush=True)

@@ -7,7 +7,8 @@ from typing import Any
 
 # Whole name parts: api_key, secret_access_key, hf_token, password; not global_batch_tokens.
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|token|password|passwd|credentials?|auth)(_|$)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<info>[^/@\s]+)@")
+# user[:password]@ — the password may hold '/' (AWS secret keys do), which is not URL-legal but what users write.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<info>[^/@\s:]+:[^@\s]+|[^/@\s]+)@")
 REDACTED = "***"
 _KNOWN_SECRETS: set[str] = set()
 """User-info seen in the URLs this process was given: libraries quote it out of URL form ('Invalid bucket name

@@ -18,6 +18,7 @@ import torch
 from tape_pretrain.errors import CheckpointError
 
 WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 """torch.load reads this at every call and then ignores a caller's weights_only=False (DeepSpeed passes it)."""
 
 
@@ -41,6 +42,7 @@ def _refusal(exc: pickle.UnpicklingError) -> CheckpointError:
 def weights_only_loading(extra_globals: list | None = None):
     """Within this block every torch.load is weights-only, whatever its caller asked for."""
     previous = os.environ.get(WEIGHTS_ONLY_ENV)
+    overridden = os.environ.pop(NO_WEIGHTS_ONLY_ENV, None)  # torch refuses both set; ours wins inside the block
     os.environ[WEIGHTS_ONLY_ENV] = "1"
     try:
         with torch.serialization.safe_globals(extra_globals or []):
@@ -52,6 +54,8 @@ def weights_only_loading(extra_globals: list | None = None):
             os.environ.pop(WEIGHTS_ONLY_ENV, None)
         else:
             os.environ[WEIGHTS_ONLY_ENV] = previous
+        if overridden is not None:
+            os.environ[NO_WEIGHTS_ONLY_ENV] = overridden
 
 
 _DCP_METADATA_GLOBALS = {

@@ -96,6 +96,11 @@ def test_overwrite_deletes_only_what_prep_wrote(tmp_path, corpus_dir, tokenizer_
         prep(inputs, tokenizer_path, tmp_path / "ds", shard_tokens=30_000, overwrite=True)
     assert sorted(str(p) for p in (tmp_path / "ds").rglob("*")) == before
     assert load_manifest(str(tmp_path / "ds"))[0].source["recipe"]["shard_tokens"] != 30_000  # still the old one
+    (tmp_path / "ds" / "train" / "my_notes.txt").unlink()
+    before = sorted(str(p) for p in (tmp_path / "ds").rglob("*"))
+    with pytest.raises(DataError, match="no input files match"):  # a typo in --input must not cost the dataset
+        prep([corpus_dir / "nothing*.jsonl"], tokenizer_path, tmp_path / "ds", shard_tokens=30_000, overwrite=True)
+    assert sorted(str(p) for p in (tmp_path / "ds").rglob("*")) == before
 
 
 def test_input_inside_out_and_out_as_a_file_are_refused(tmp_path, corpus_dir, tokenizer_path):

@@ -50,3 +50,20 @@ def test_destination_is_checked_before_the_checkpoint(tmp_path, capsys, overwrit
     flags = ["--overwrite"] if overwrite else []
     code, err = export(capsys, tmp_path / "nowhere", "--out", tmp_path / "new", *flags)
     assert code == 2 and "nowhere" in err, err
+
+
+def test_overwrite_keeps_the_old_export_when_the_new_one_fails(tmp_path, capsys):
+    out = tmp_path / "exports"
+    out.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.model"):
+        (out / name).write_text(f"old {name}")
+    code, err = export(capsys, tmp_path / "run/checkpoints/step_00000099", "--out", out, "--overwrite")
+    assert code == 2 and "step_00000099" in err, err
+    assert sorted(p.read_text() for p in out.iterdir()) == [
+        "old config.json", "old model.safetensors", "old tokenizer.model"]
+
+
+def test_remote_out_is_refused(tmp_path, capsys):
+    code, err = export(capsys, tmp_path / "nowhere", "--out", "s3://bucket/export")
+    assert code == 2 and "export writes a local directory" in err, err
+    assert not (tmp_path / "s3:").exists()

@@ -22,6 +22,17 @@ def test_second_holder_is_refused_naming_the_first(tmp_path):
     second.release()
 
 
+def test_a_symlink_at_the_lock_path_is_refused_and_its_target_kept(tmp_path):
+    from tape_pretrain.errors import CheckpointError
+
+    (tmp_path / "victim.txt").write_text("important")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(CheckpointError, match="a symlink there is refused"):
+        RunLock(tmp_path / "run").acquire()
+    assert (tmp_path / "victim.txt").read_text() == "important"
+
+
 def test_text_left_by_a_dead_holder_is_reported_as_taken_over(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 99999, "started": "2026-01-01T00:00:00"}))
     lock = RunLock(tmp_path)
@@ -48,6 +59,12 @@ def test_remote_lease_refuses_renews_takes_over_and_releases(s3_env, tmp_path):
     second = RunLease(run_dir, ttl_s=30, settle_s=0.05)
     assert second.acquire() == "host node9, pid 4242, started 2026-01-01T00:00:00"
     second.release()
+    # A malformed lease, or one claiming to last for ever, cannot lock a run directory out: taken over.
+    for hostile in ({"token": "x", "expires": "soon"}, {"token": "x", "expires": 1e300}, "not json"):
+        run_dir.write_remote(LEASE_OBJECT, (hostile if isinstance(hostile, str) else json.dumps(hostile)).encode())
+        third = RunLease(run_dir, ttl_s=30, settle_s=0.05)
+        assert third.acquire() == "holder unknown"
+        third.release()
 
 
 @pytest.mark.slow
