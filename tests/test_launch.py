@@ -59,7 +59,9 @@ def test_retry_wrapper_recovers_from_a_killed_node(tmp_path, dataset_path, refer
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     path = tmp_path / "run" / "metrics.jsonl"
-    while not (path.exists() and '"step": 4,' in path.read_text()):
+    committed = tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE"
+    # step 3's checkpoint is committed during step 4 (after step 4's metrics line): kill only once it is there
+    while not (path.exists() and '"step": 4,' in path.read_text() and committed.exists()):
         assert time.time() < deadline and proc.poll() is None, "step 4 never reached"
         time.sleep(0.1)
     agents = [p for p in descendants(proc.pid)
