@@ -97,7 +97,6 @@ class RunLease:
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False
 
     @property
     def path(self) -> str:
@@ -147,7 +146,6 @@ class RunLease:
                 if current is not None and current["token"] != self.token:
                     # Another run took the lease (this one stalled past the TTL). Writing on would mix the two runs'
                     # checkpoints and metrics: stop now, without a save; the other ranks follow on their timeout.
-                    self.lost = True
                     print(f"error: {self.path}: another run took over this run directory's lease "
                           f"({_describe_lease(current)}); stopping at once without writing more", flush=True)
                     os._exit(3)
