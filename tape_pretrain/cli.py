@@ -83,24 +83,48 @@ def cmd_doctor(args) -> None:
 
 
 def cmd_inspect_model(args) -> None:
+    from tape_pretrain.config import ConfigError
     from tape_pretrain.inspect_model import inspect_model
 
-    print(inspect_model(args.model, seq_len=args.seq_len, positional=args.positional))
+    memory = None
+    plan_flags = {"--zero-stage": args.zero_stage, "--world": args.world, "--micro-batch": args.micro_batch,
+                  "--precision": args.precision, "--activation-checkpointing": args.activation_checkpointing or None,
+                  "--replicate-degree": args.replicate_degree,
+                  "--no-reshard-after-forward": None if args.reshard_after_forward else True}
+    if args.engine is None:
+        given = [flag for flag, value in plan_flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} plan memory: add --engine deepspeed, fsdp2 or ddp")
+    else:
+        if args.engine == "fsdp2" and args.zero_stage is not None:
+            print(f"warning: --zero-stage {args.zero_stage} is ignored: FSDP2 shards parameters, gradients and "
+                  "optimizer state", file=sys.stderr)
+            args.zero_stage = None
+        memory = dict(engine=args.engine, zero_stage=args.zero_stage,
+                      world_size=1 if args.world is None else args.world,
+                      micro_batch_size=1 if args.micro_batch is None else args.micro_batch,
+                      precision=args.precision or ("fp32" if args.engine == "ddp" else "bf16"),
+                      activation_checkpointing=args.activation_checkpointing,
+                      replicate_degree=args.replicate_degree or 1, reshard_after_forward=args.reshard_after_forward)
+    print(inspect_model(args.model, seq_len=args.seq_len, positional=args.positional, memory=memory))
 
 
 def cmd_bench(args) -> None:
     what = args.what
+    if args.batch is None:
+        args.batch = 8 if what == "gpu" else 1
     if what == "all":
         from tape_pretrain.bench import suite
 
         options = ["--preset", args.preset, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-                   "--repeats", str(args.repeats), *(["--compile"] if args.compile else [])]
+                   "--repeats", str(args.repeats), *(["--compile"] if args.compile else []),
+                   "--tape-attention", args.tape_attention]
         suite.run_all(options)
     elif what == "model":
         from tape_pretrain.bench import model
 
         model.run(preset=args.preset, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
-                  compile_blocks=args.compile)
+                  compile_blocks=args.compile, tape_attention=args.tape_attention)
     elif what == "prep":
         from tape_pretrain.bench import prep
 
@@ -117,6 +141,25 @@ def cmd_bench(args) -> None:
         from tape_pretrain.bench import checkpoint
 
         checkpoint.run(preset=args.preset)
+    elif what == "gpu":
+        from tape_pretrain.bench import gpu
+
+        result = gpu.run(gpu.GpuCheckOptions(
+            preset=args.preset, seq_lens=_int_list(args.seq_lens, "--seq-lens"), batch=args.batch,
+            repeats=args.repeats, train_preset=args.train_preset, train_seq_len=args.train_seq_len,
+            train_batch=args.train_batch, train_steps=args.train_steps, data=args.data, work_dir=args.work_dir,
+            peak_flops=args.peak_flops))
+        if result["failed"]:
+            raise SystemExit(1)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from tape_pretrain.config import ConfigError
+
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,12 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks printed as ratios")
-    p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "all"])
+    p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "gpu", "all"])
     p.add_argument("--preset", default="paper-155m")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="default 1 (bench gpu: 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="bench model: torch.compile each block of both models")
+    p.add_argument("--tape-attention", choices=["auto", "two_calls", "one_call", "both"], default="auto",
+                   help="bench model: TAPE's attention form (model.positional.tape_attention); both: time each")
+    g = p.add_argument_group("bench gpu", "the one-GPU check (launch/gpu_check.sh); --preset, --batch and "
+                                          "--repeats size its speed, MFU and SDPA sections")
+    g.add_argument("--seq-lens", default="1024,4096", help="sequence lengths of the speed, MFU and SDPA sections")
+    g.add_argument("--train-preset", default="tiny", help="model of the training, resume and async-save sections")
+    g.add_argument("--train-seq-len", type=int, default=256)
+    g.add_argument("--train-batch", type=int, default=8)
+    g.add_argument("--train-steps", type=int, default=30)
+    g.add_argument("--data", default=None, help="dataset URL for the training runs (default: the built-in corpus, "
+                                                "prepared on the fly)")
+    g.add_argument("--work-dir", default=None, help="keep runs and checkpoints here (default: a temporary directory)")
+    g.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs)")
     p.set_defaults(func=cmd_bench)
 
     insp = sub.add_parser("inspect", help="describe a model").add_subparsers(dest="action", required=True)
@@ -218,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="preset name or config file")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--positional", default=None, help="one encoding instead of the rope/tape pair")
+    g = p.add_argument_group("memory plan", "with --engine: estimated memory per rank of one training step "
+                                            "(at --seq-len, default the model's max_seq_len)")
+    g.add_argument("--engine", choices=["deepspeed", "fsdp2", "ddp"], default=None)
+    g.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage 0-3")
+    g.add_argument("--world", type=int, default=None, help="ranks sharing the model (default 1)")
+    g.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per forward (default 1)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default bf16")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--replicate-degree", type=int, default=None, help="FSDP2: HSDP replicas (default 1)")
+    g.add_argument("--no-reshard-after-forward", dest="reshard_after_forward", action="store_false",
+                   help="FSDP2: keep gathered parameters from forward to backward")
     p.set_defaults(func=cmd_inspect_model)
     return parser
 

@@ -35,6 +35,8 @@ class PositionalConfig:
     """Width I of TAPE's positional MLP; None means 4 x num_heads."""
     tape_random_offset: bool = False
     """Draw a random global position offset k in [0, 2*max_seq_len] per training forward (TAPE)."""
+    tape_attention: Literal["auto", "two_calls", "one_call"] = "auto"
+    """How TAPE computes A v and A [c|s]: one attention call over [v|c|s], two calls, or the faster one per device."""
     xpos_scale_base: float = 2048.0
     """xPos decay scale s: q is scaled by zeta^(n/s), k by zeta^(-n/s)."""
     fire_mlp_width: int = 32
@@ -171,8 +173,8 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"
-    """Training engine."""
+    engine: str = "deepspeed"
+    """Training engine: deepspeed (ZeRO 0-3), fsdp2, or ddp (plain data parallel, fp32: the simplest baseline)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     deepspeed_config: str | None = None
@@ -184,6 +186,14 @@ class ParallelConfig:
     The first steps at each new sequence length pay the compile time."""
     timeout_s: float = 600.0
     """Collective timeout: a rank stalled longer than this makes every rank exit non-zero."""
+    replicate_degree: int = 1
+    """FSDP2: 1 shards over all ranks; R > 1 is HSDP, R replicas (one per node, typically) each sharding the model
+    over world/R ranks, so parameter all-gathers stay inside a replica and only gradients cross between them."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered parameters after its forward (gathered again for backward); false keeps
+    them, trading memory for one all-gather per block and step."""
+    overlap_comm: bool | None = None
+    """DeepSpeed: overlap gradient reduction with the backward pass (null: on for GPUs, DeepSpeed's default on CPU)."""
 
 
 @dataclass
@@ -436,6 +446,17 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
             f"trainer.seq_len={t.seq_len}")
+    from tape_pretrain.distributed.engine import ENGINES
+
+    if config.parallel.engine not in ENGINES:
+        raise ConfigError(f"parallel.engine: unknown engine {config.parallel.engine!r} "
+                          f"(known: {', '.join(sorted(ENGINES))})")
+    if config.parallel.replicate_degree < 1:
+        raise ConfigError(f"parallel.replicate_degree must be >= 1, got {config.parallel.replicate_degree}")
+    if config.parallel.replicate_degree > 1 and config.parallel.engine != "fsdp2":
+        raise ConfigError("parallel.replicate_degree (HSDP) needs parallel.engine=fsdp2")
+    if config.parallel.engine == "ddp" and config.trainer.precision == "bf16":
+        raise ConfigError("parallel.engine=ddp trains in fp32 (the plain baseline): use fsdp2 or deepspeed for bf16")
     if not 0 <= config.parallel.zero_stage <= 3:
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {config.parallel.zero_stage}")
     if config.parallel.compile and config.parallel.engine == "deepspeed" and config.parallel.zero_stage == 3:

@@ -51,10 +51,27 @@ def test_overrides_take_precedence(tmp_path):
     (["trainer.eval_batches=-1"], "trainer.eval_batches must be >= 0"),
     (["checkpoint.interval=-5"], "checkpoint.interval must be >= 0"),
     (["checkpoint.lease_ttl_s=1e999"], "checkpoint.lease_ttl_s must be a finite number"),
+    (["parallel.engine=megatron"], r"parallel.engine: unknown engine 'megatron' \(known: ddp, deepspeed, fsdp2\)"),
+    (["parallel.replicate_degree=2"], "parallel.replicate_degree \\(HSDP\\) needs parallel.engine=fsdp2"),
+    (["parallel.replicate_degree=0", "parallel.engine=fsdp2"], "parallel.replicate_degree must be >= 1"),
+    (["parallel.engine=ddp", "trainer.precision=bf16"], "parallel.engine=ddp trains in fp32"),
 ])
 def test_bad_values_name_the_dotted_path(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override)
+
+
+def test_the_engine_registry_refuses_unknown_names():
+    from tape_pretrain.distributed.engine import ENGINES, Engine, engine_class
+
+    with pytest.raises(ConfigError, match="unknown engine 'fsdp'"):
+        engine_class("fsdp")
+    for name in ENGINES:  # every registered engine implements the whole interface
+        cls = engine_class(name)
+        assert issubclass(cls, Engine)
+        for method in ("__init__", "train_micro_step", "optimizer_step", "eval_logits", "save", "load",
+                       "full_state_dict", "consolidate"):
+            assert getattr(cls, method) is not getattr(Engine, method), (name, method)
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -1,46 +1,37 @@
-"""DeepSpeed ZeRO stages 0-3. The only module that imports deepspeed."""
+"""DeepSpeed ZeRO stages 0-3 (DeepSpeed beyond its public training API only through deepspeed_adapter)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 
 import torch
 
-from tape_pretrain.config import ConfigError, RunConfig
-from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
-from tape_pretrain.distributed.env import DistEnv, all_agree_all, barrier
+from tape_pretrain.config import ConfigError
+from tape_pretrain.distributed import deepspeed_adapter as adapter
+from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, lm_loss
+from tape_pretrain.distributed.env import all_agree_all, barrier
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.utils.safe_load import deepspeed_safe_globals, weights_only_loading
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
-from deepspeed.utils import (  # noqa: E402
-    safe_get_full_fp32_param,
-    safe_set_full_fp32_param,
-    safe_set_local_fp32_param,
-)
-
-# `import deepspeed.comm.torch as m` would bind the torch package (an attribute of deepspeed.comm).
-_ds_comm = importlib.import_module("deepspeed.comm.torch")
-
-# On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce used only by its inference path; every rank
-# compiling it at start costs ~30 s on a fresh machine and races between processes. Training never calls it.
-if not torch.cuda.is_available():
-    _ds_comm.build_shm_op = lambda: None
+deepspeed = adapter.deepspeed
+safe_get_full_fp32_param = adapter.deepspeed.utils.safe_get_full_fp32_param
 
 
-def deepspeed_config(config: RunConfig, env: DistEnv, grad_accum: int) -> dict:
+def deepspeed_config(setup: EngineSetup) -> dict:
     """Our config as DeepSpeed's, with a user JSON (parallel.deepspeed_config) merged over it."""
-    bf16 = compute_dtype(config, env) == torch.bfloat16
-    stage = config.parallel.zero_stage
+    bf16 = setup.dtype == torch.bfloat16
+    parallel = setup.parallel
+    stage = parallel.zero_stage
+    overlap = parallel.overlap_comm
+    if overlap is None:
+        overlap = setup.env.device.type == "cuda"
     ds = {
-        "train_micro_batch_size_per_gpu": config.trainer.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": setup.micro_batch_size,
+        "gradient_accumulation_steps": setup.grad_accum,
+        "gradient_clipping": setup.optim.grad_clip,
+        "zero_optimization": {"stage": stage, "overlap_comm": overlap},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -55,8 +46,8 @@ def deepspeed_config(config: RunConfig, env: DistEnv, grad_accum: int) -> dict:
                               "memory on one GPU), the fsdp2 engine, or trainer.precision=fp32")
         ds["communication_data_type"] = "fp32"
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    if config.parallel.deepspeed_config:
-        path = config.parallel.deepspeed_config
+    if parallel.deepspeed_config:
+        path = parallel.deepspeed_config
         try:
             with open(path) as f:
                 user = json.load(f)
@@ -83,44 +74,39 @@ def _merge(base: dict, update: dict) -> None:
             base[key] = value
 
 
-def _set_fp32_master(param, value: torch.Tensor) -> None:
-    """Set a parameter's fp32 master copy (every rank calls it with the full value; no collective)."""
-    if hasattr(param, "ds_id"):
-        # ZeRO-3: DeepSpeed's set_full_hp_param slices rank r's partition as value[r*p:(r+1)*p] without the padding
-        # it adds to sizes not divisible by the world size (the last rank read past the end). Pad, then set ours.
-        group = getattr(param, "ds_process_group", None)
-        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-        local = param.ds_tensor.numel()
-        padded = torch.zeros(local * world, dtype=torch.float32, device=value.device)
-        padded[:value.numel()] = value.flatten()
-        safe_set_local_fp32_param(param, padded.narrow(0, local * rank, local))
-    else:
-        safe_set_full_fp32_param(param, value)
-
-
 class DeepSpeedEngine(Engine):
-    def __init__(self, model, config: RunConfig, env: DistEnv, grad_accum: int):
-        self.config, self.env = config, env
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, config.optim.weight_decay, config.optim.decay_embeddings),
-            lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
-        ds_config = deepspeed_config(config, env, grad_accum)
+    def __init__(self, source: ModelSource, setup: EngineSetup):
+        self.setup, self.env = setup, setup.env
+        adapter.skip_cpu_shm_op()
+        ds_config = deepspeed_config(setup)
         self.bf16 = ds_config["bf16"]["enabled"]
-        # In bf16, initialize() casts the module (module.bfloat16()) before the optimizer copies its fp32 master
-        # weights from it, so training would start from bf16-rounded weights where FSDP2 starts from the exact
-        # fp32 ones. Hold the fp32 tensors (references, not copies) and put them back into the master copy.
-        initial = {name: p.data for name, p in model.named_parameters()} if self.bf16 else {}
+        partitioned = source.lazy and setup.parallel.zero_stage == 3
+        if partitioned:
+            with adapter.zero3_partitioned_init(ds_config):  # each rank keeps only its partition of each parameter
+                model = source.build(False)
+            for name, param in model.named_parameters():  # one full parameter at a time
+                adapter.set_partitioned_param(param, source.initial_value(model, name, adapter.full_shape(param)))
+            initial = {}
+        else:
+            model = source.build(True)
+            # In bf16, initialize() casts the module (module.bfloat16()) before the optimizer copies its fp32 master
+            # weights from it, so training would start from bf16-rounded weights where FSDP2 starts from the exact
+            # fp32 ones. Hold the fp32 tensors (references, not copies) and put them back into the master copy.
+            initial = {name: p.data for name, p in model.named_parameters()} if self.bf16 else {}
+        self.prepare(model, setup.parallel)
+        self.optimizer = adamw(model, setup.optim, shape_of=adapter.full_shape)  # partitioned: no shape of its own
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                                     dist_init_required=False)
         self.module = self.engine.module
         self._frozen_fp32 = {}  # frozen parameters have no master copy: export writes them from here, unrounded
-        for name, param in self.module.named_parameters():
-            if name not in initial:
-                continue
-            if param.requires_grad:
-                _set_fp32_master(param, initial[name].to(param.device))
-            else:
-                self._frozen_fp32[name] = initial[name]
+        if self.bf16:
+            for name, param in self.module.named_parameters():
+                value = initial[name] if name in initial else source.initial_value(self.module, name,
+                                                                                   adapter.full_shape(param))
+                if param.requires_grad:
+                    adapter.set_fp32_master(param, value.to(param.device))
+                elif self.env.is_main:
+                    self._frozen_fp32[name] = value
 
     def train_micro_step(self, inputs, labels, is_boundary):
         loss = lm_loss(self.engine(inputs), labels)
@@ -133,7 +119,7 @@ class DeepSpeedEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         pre_clip_norm = None
-        if self.config.parallel.zero_stage == 0:
+        if self.setup.parallel.zero_stage == 0:
             # Without ZeRO, DeepSpeed clips fp32 gradients but does not keep the norm: measure it here.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             pre_clip_norm = torch.nn.utils.get_total_norm(grads) if grads else None
@@ -184,8 +170,8 @@ class DeepSpeedEngine(Engine):
                 if self.env.is_main:  # only rank 0 writes the export: the others let each tensor go at once
                     state[name] = full.cpu() if full is not None else self._frozen_fp32[name].cpu()
             return state
-        if self.config.parallel.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
+        if self.setup.parallel.zero_stage == 3:
+            return adapter.zero3_consolidated_state_dict(self.engine)  # gathered on rank 0
         return self.engine.module.state_dict()
 
     def save(self, directory):
@@ -195,7 +181,7 @@ class DeepSpeedEngine(Engine):
         universal = saved_world_size != self.env.world_size
         if universal:
             directory = converted = self._to_universal(directory)
-            self.engine._config.load_universal_checkpoint = True
+            adapter.set_universal_loading(self.engine, True)
         hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         with weights_only_loading(deepspeed_safe_globals()):
             path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True,
@@ -203,30 +189,29 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}/engine")
         if universal:
-            # Two repairs after ZeRO-3's universal loader (losses drifted 1e-3 from the uninterrupted run within
-            # 3 steps without them). It stores ONE step tensor in every sub-group's state, and AdamW increments it
-            # in place once per sub-group per step, so the bias correction of every group after the first ran
-            # ahead: give each state its own copy. And it gives every param group the hyperparameters of group 0
-            # (the no-decay group would be weight-decayed); ours come from the config: put them back.
-            for state in self.optimizer.state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
-            for group, saved in zip(self.optimizer.param_groups, hyperparameters):
-                group.update(saved)
-            self.engine._config.load_universal_checkpoint = False
+            adapter.repair_after_universal_load(self.optimizer, hyperparameters)
+            adapter.set_universal_loading(self.engine, False)
             barrier(self.env)
             if self.env.local_rank == 0:
                 shutil.rmtree(converted, ignore_errors=True)
 
 
-def consolidate_checkpoint(engine_dir: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint directory, offline (one process, no process group)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    @classmethod
+    def consolidate(cls, engine_dir, model):
+        """The fp32 master weights of trainable parameters. Frozen ones are left out: they have no master copy, and
+        the checkpoint's module copy of them is rounded to bf16 in bf16 runs (the caller has their initial values,
+        which, frozen, they kept)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = os.path.join(engine_dir, "engine")
-    with weights_only_loading(deepspeed_safe_globals()):
-        if any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
-            return get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
-        # ZeRO-0: the module state is stored whole (the files were verified against files.json before this)
-        state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
-    return state["module"]
+        tag_dir = os.path.join(engine_dir, "engine")
+        with weights_only_loading(deepspeed_safe_globals()):
+            if adapter.is_bf16_optimizer_checkpoint(tag_dir):  # bf16 with ZeRO-1
+                shapes = {name: param.shape for name, param in model.named_parameters()}
+                weights = adapter.consolidate_bf16_optimizer_checkpoint(tag_dir, shapes)
+            elif any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
+                weights = get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
+            else:  # ZeRO-0: the module state is stored whole (the files were verified against files.json before this)
+                weights = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                                     weights_only=True)["module"]
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+        return {name: value for name, value in weights.items() if name not in frozen}

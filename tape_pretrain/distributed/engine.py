@@ -1,16 +1,39 @@
-"""The interface the trainer uses, whatever engine runs underneath (DeepSpeed ZeRO or FSDP2)."""
+"""The interface the trainer uses, whatever engine runs underneath, and the registry that finds engines by name.
+
+An engine owns everything engine-specific: building (and, for large models, materialising shard by shard) the model,
+forward/backward with accumulation, the optimizer step, checkpoint save/load (including world-size changes), and the
+offline consolidation of a saved checkpoint into fp32 weights for export. The trainer never branches on the engine.
+Adding one: write its module (a subclass of Engine) and add one line to ENGINES.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tape_pretrain.config import RunConfig
+from tape_pretrain.config import ConfigError, OptimConfig, ParallelConfig, RunConfig
 from tape_pretrain.distributed.env import DistEnv
+
+ENGINES = {
+    "deepspeed": "tape_pretrain.distributed.deepspeed_engine:DeepSpeedEngine",
+    "fsdp2": "tape_pretrain.distributed.fsdp_engine:FSDP2Engine",
+    "ddp": "tape_pretrain.distributed.ddp_engine:DDPEngine",
+}
+"""Engine name (parallel.engine) -> "module:class". Modules are imported only when their engine is used."""
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name not in ENGINES:
+        raise ConfigError(f"parallel.engine: unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})")
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -18,18 +41,26 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
-    """AdamW groups: matrices decay; norms, biases and scalars never; embeddings and head only if asked."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool,
+                 shape_of: Callable[[nn.Parameter], torch.Size] = lambda p: p.shape) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases and scalars never; embeddings and head only if asked.
+    ``shape_of``: a parameter's full shape, where the engine has partitioned parameters at construction."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_embedding = name.startswith(("embed_tokens.", "lm_head."))
-        if param.ndim < 2 or (is_embedding and not decay_embeddings):
+        if len(shape_of(param)) < 2 or (is_embedding and not decay_embeddings):
             no_decay.append(param)
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: nn.Module, optim: OptimConfig,
+          shape_of: Callable[[nn.Parameter], torch.Size] = lambda p: p.shape) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.decay_embeddings, shape_of),
+                             lr=optim.lr, betas=optim.betas, eps=optim.eps)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -48,18 +79,70 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def compute_dtype(config: RunConfig, env: DistEnv) -> torch.dtype:
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """bf16 on GPUs by default, fp32 on CPU; an explicit bf16 also runs on CPU (slowly: used to test bf16 there)."""
-    precision = config.trainer.precision
     if precision == "auto":
-        return torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """What an engine is built from: its own config section plus the facts it needs, not the whole run config."""
+
+    parallel: ParallelConfig
+    optim: OptimConfig
+    dtype: torch.dtype
+    """Compute dtype (bf16: fp32 master weights, optimizer state, accumulation and reduction)."""
+    micro_batch_size: int
+    grad_accum: int
+    async_save: bool
+    env: DistEnv
+
+    @classmethod
+    def from_run(cls, config: RunConfig, env: DistEnv, grad_accum: int) -> EngineSetup:
+        return cls(config.parallel, config.optim, compute_dtype(config.trainer.precision, env.device),
+                   config.trainer.micro_batch_size, grad_accum, config.checkpoint.async_save, env)
+
+
+@dataclass
+class ModelSource:
+    """How an engine gets its model.
+
+    ``build(complete)`` constructs it. With complete=True it returns a finished model (initial weights, or the
+    weights of model.init_from); with complete=False the engine builds it under a context of its own (the meta
+    device for FSDP2, ZeRO-3's partitioning) and then sets each parameter from ``initial_value(model, name, shape)``,
+    the full fp32 CPU value of one parameter (of full shape ``shape``): one parameter at a time, keeping only the
+    local shard, so no rank ever holds the whole model. ``lazy`` is False for a model that already exists (it can
+    only be handed over whole).
+    """
+
+    build: Callable[[bool], nn.Module]
+    initial_value: Callable[[nn.Module, str, torch.Size], torch.Tensor]
+    lazy: bool = True
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSource:
+        """An already built (eager) model: build() returns it, its current weights are the initial values."""
+        return cls(lambda complete: model,
+                   lambda m, name, shape: model.get_parameter(name).detach().to("cpu", torch.float32), lazy=False)
 
 
 class Engine:
     """Forward/backward with accumulation, the optimizer step, and state save/load."""
 
     module: nn.Module
+
+    def __init__(self, source: ModelSource, setup: EngineSetup):
+        raise NotImplementedError
+
+    @staticmethod
+    def prepare(model: nn.Module, parallel: ParallelConfig) -> None:
+        """Wrappers that keep parameter names: applied by every engine before it shards the model."""
+        if parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if parallel.compile:
+            compile_blocks(model)
 
     def train_micro_step(self, inputs: torch.Tensor, labels: torch.Tensor, is_boundary: bool) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the detached loss."""
@@ -88,19 +171,19 @@ class Engine:
         return True
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded fp32 weights in our naming (collective; meaningful on rank 0)."""
+        """Unsharded fp32 weights (the fp32 master copy in bf16 runs) in our naming. Collective; complete on rank 0,
+        other ranks may return an empty dict."""
+        raise NotImplementedError
+
+    @classmethod
+    def consolidate(cls, engine_dir: str, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full fp32 weights from a checkpoint this engine saved (``engine_dir``, at any world size), offline: one
+        process, no process group. ``model`` is the model the checkpoint belongs to (its layout and names)."""
         raise NotImplementedError
 
 
-def build_engine(model: nn.Module, config: RunConfig, env: DistEnv, grad_accum: int) -> Engine:
-    if config.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.parallel.compile:
-        compile_blocks(model)
-    if config.parallel.engine == "deepspeed":
-        from tape_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, config, env, grad_accum)
-    from tape_pretrain.distributed.fsdp_engine import FSDP2Engine
-
-    return FSDP2Engine(model, config, env, grad_accum)
+def build_engine(model: nn.Module | ModelSource, config: RunConfig, env: DistEnv, grad_accum: int) -> Engine:
+    """The engine parallel.engine names, for an eagerly built model or a ModelSource (which lets the engine build
+    the model itself: on the meta device for FSDP2, partitioned for ZeRO-3)."""
+    source = model if isinstance(model, ModelSource) else ModelSource.of(model)
+    return engine_class(config.parallel.engine)(source, EngineSetup.from_run(config, env, grad_accum))

@@ -13,12 +13,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from tape_pretrain.config import RunConfig
-from tape_pretrain.distributed.engine import Engine, compute_dtype, lm_loss, param_groups
+from tape_pretrain.config import ConfigError
+from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, lm_loss
 from tape_pretrain.distributed.env import DistEnv
 from tape_pretrain.utils.safe_load import safe_dcp_load
 
@@ -28,24 +28,28 @@ from tape_pretrain.utils.safe_load import safe_dcp_load
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor", category=UserWarning)
 
 class FSDP2Engine(Engine):
-    def __init__(self, model, config: RunConfig, env: DistEnv, grad_accum: int):
-        self.config, self.env, self.grad_accum = config, env, grad_accum
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        dtype = compute_dtype(config, env)
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        model.to(env.device)
+    def __init__(self, source: ModelSource, setup: EngineSetup):
+        self.setup, self.env, self.grad_accum = setup, setup.env, setup.grad_accum
+        parallel = setup.parallel
+        mesh = fsdp_mesh(setup.env, parallel.replicate_degree)
+        policy = MixedPrecisionPolicy(param_dtype=setup.dtype, reduce_dtype=torch.float32)
+        if source.lazy:
+            with torch.device("meta"):  # shapes only: each rank materialises its own shard below
+                model = source.build(False)
+        else:
+            model = source.build(True).to(setup.env.device)
+        self.prepare(model, parallel)
         for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+        if source.lazy:
+            materialise_shards(model, source, setup.env.device)
         self.module = model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, config.optim.weight_decay, config.optim.decay_embeddings),
-            lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+        self.optimizer = adamw(model, setup.optim)
         self._pending_save = self._staging = self._stager = None
         # A background save runs its own collectives (plan, metadata) while training runs FSDP's: they need a
         # group of their own, or the two interleave on one gloo/NCCL group and deadlock.
-        self._checkpoint_group = (torch.distributed.new_group(backend="gloo")
-                                  if config.checkpoint.async_save else None)
+        self._checkpoint_group = torch.distributed.new_group(backend="gloo") if setup.async_save else None
 
     def train_micro_step(self, inputs, labels, is_boundary):
         self.module.set_requires_gradient_sync(is_boundary)  # reduce-scatter once per optimizer step
@@ -58,7 +62,7 @@ class FSDP2Engine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        max_norm = self.setup.optim.grad_clip if self.setup.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -78,11 +82,15 @@ class FSDP2Engine(Engine):
 
     def save(self, directory):
         self.wait_for_save()
-        if self.config.checkpoint.async_save:
+        if self.setup.async_save:
             # Staging (the copy of every shard) runs in the background too; forward and backward of the next
             # step overlap with it and only the next optimizer step waits for it (parameters must not change
             # under the copy). The write to disk overlaps with training entirely.
             on_gpu = self.env.device.type == "cuda"
+            if on_gpu:
+                # DCP's stager copies on its own stream from a worker thread and does not wait for the compute
+                # stream: the optimizer step's kernels may still be queued, and it would copy half-updated weights.
+                torch.cuda.current_stream(self.env.device).synchronize()
             stager = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
                                                   use_async_staging=True, use_non_blocking_copy=on_gpu))
             response = dcp.async_save(self._state(), checkpoint_id=directory, async_stager=stager,
@@ -114,8 +122,35 @@ class FSDP2Engine(Engine):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def consolidate_checkpoint(engine_dir: str, model) -> dict[str, torch.Tensor]:
+    @classmethod
+    def consolidate(cls, engine_dir, model):
+        return consolidate_dcp_checkpoint(engine_dir, model)
+
+
+def consolidate_dcp_checkpoint(engine_dir: str, model) -> dict[str, torch.Tensor]:
     """Full weights from a DCP checkpoint into ``model``'s layout, offline (one process, any saved world size)."""
     state = {"model": model.state_dict()}
     safe_dcp_load(state, engine_dir, no_dist=True)
     return state["model"]
+
+
+def fsdp_mesh(env: DistEnv, replicate_degree: int) -> DeviceMesh:
+    """FSDP over all ranks, or HSDP: replicate_degree groups (one per node, typically) each sharding the model."""
+    if replicate_degree == 1:
+        return init_device_mesh(env.device.type, (env.world_size,))
+    if env.world_size % replicate_degree:
+        raise ConfigError(f"parallel.replicate_degree={replicate_degree} does not divide the world size "
+                          f"{env.world_size}")
+    return init_device_mesh(env.device.type, (replicate_degree, env.world_size // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+@torch.no_grad()
+def materialise_shards(model, source: ModelSource, device: torch.device) -> None:
+    """Give a model sharded while on the meta device its initial weights: storage for the local shards only, then
+    each parameter's full value made on the CPU one at a time and cut to this rank's shard (no collective)."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        full = source.initial_value(model, name, param.shape).to(device=device, dtype=param.dtype)  # DTensor: global
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())

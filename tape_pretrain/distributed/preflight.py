@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tape_pretrain.config import RunConfig
+from tape_pretrain.distributed.device_report import cuda_problem, format_report, run_device_report
 from tape_pretrain.distributed.env import DistEnv, all_gather_objects
 from tape_pretrain.errors import DataError, StorageError
 
@@ -70,6 +71,9 @@ def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
     lines = {"host": socket.gethostname(), "rank": env.rank, "local_rank": env.local_rank,
              "device": str(env.device)}
     problems = []
+    gpu_problem = cuda_problem()  # a GPU torch cannot use would otherwise train on the CPU without a word
+    if gpu_problem:
+        problems.append(gpu_problem)
     manifest = None
     if config is not None:
         try:
@@ -129,6 +133,7 @@ def doctor(config: RunConfig | None) -> None:
         report, problems = preflight(config, env)
         if report:
             print(report)
+            print(format_report(run_device_report(config, env.device)))
         if problems:
             raise StorageError(f"preflight: {problems[0]}")
     finally:

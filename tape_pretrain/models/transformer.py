@@ -7,6 +7,8 @@ tape_pretrain.distributed wrap it.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,26 +83,51 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward(input_ids [B,N]) -> logits [B,N,V]``; positions start at 0 in each row."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, initialise: bool = True):
         super().__init__()
         config = resolve_model_config(config)
         self.config = config
+        # One draw from the global generator; every parameter's initial value derives from it and the parameter's
+        # name (see initial_value). On the CPU explicitly: under torch.device("meta") it must still be a number.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.positional = REGISTRY[config.positional.name](config)
         self.layers = nn.ModuleList(
             Block(config, self.positional.make_layer(i)) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.reset_parameters()
+        if initialise:  # engines that build on the meta device or partitioned set the weights themselves
+            self.reset_parameters()
 
+    def initial_value(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The full fp32 initial value of parameter ``name`` (of full shape ``shape``: an engine that partitions
+        parameters at construction knows it, the parameter itself may not), on the CPU.
+
+        A function of (init_seed, name) alone, not of the order in which parameters are created or initialised:
+        a model built on the meta device and materialised shard by shard (FSDP2, ZeRO-3) gets exactly the weights
+        of an eagerly built one, on any device and world size, and models that differ only in their positional
+        encoding (TAPE and RoPE) share every backbone weight for the same seed."""
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(owner_name) if owner_name else self
+        for i, block in enumerate(self.layers):
+            prefix = f"layers.{i}.positional."
+            if name.startswith(prefix):
+                value = block.positional.initial_value(name.removeprefix(prefix), shape)
+                if value is not None:
+                    return value.to(torch.float32)
+        if isinstance(owner, RMSNorm):
+            return torch.ones(shape)
+        if leaf == "bias":
+            return torch.zeros(shape)
+        generator = torch.Generator().manual_seed(_parameter_seed(self.init_seed, name))
+        return torch.empty(shape, device="cpu").normal_(0.0, self.config.init_std, generator=generator)
+
+    @torch.no_grad()
     def reset_parameters(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for layer in self.layers:
-            layer.positional.reset_parameters()
+        """Set every parameter to its initial_value (parameters on the meta device have no values to set)."""
+        for name, param in self.named_parameters():
+            if not param.is_meta:
+                param.copy_(self.initial_value(name, param.shape))
 
     def forward(self, input_ids: torch.Tensor, causal: bool = True, position_offset: int = 0,
                 initial_state=None) -> torch.Tensor:
@@ -132,5 +159,10 @@ class Transformer(nn.Module):
         return dense + attention + self.positional.extra_forward_flops_per_token(seq_len)
 
 
-def build_model(config: ModelConfig) -> Transformer:
-    return Transformer(config)
+def _parameter_seed(init_seed: int, name: str) -> int:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return (init_seed ^ int.from_bytes(digest, "little")) % 2**63
+
+
+def build_model(config: ModelConfig, initialise: bool = True) -> Transformer:
+    return Transformer(config, initialise)

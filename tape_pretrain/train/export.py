@@ -12,7 +12,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tape_pretrain.config import ModelConfig, PositionalConfig, from_dict, to_dict
+from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig, from_dict, to_dict
+from tape_pretrain.distributed.engine import engine_class
 from tape_pretrain.distributed.env import DistEnv
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models import Transformer, build_model
@@ -129,14 +130,16 @@ def _export(path: Path, state: dict, out: str) -> None:
     raw = dict(state["model"])
     raw["positional"] = PositionalConfig(**raw["positional"])
     model_config = from_dict(ModelConfig, raw)
+    # Seeded as the run was when it built its model: parameters that a checkpoint lacks (DeepSpeed does not save
+    # frozen ones) get the values the run started from, which, frozen, it still had.
+    torch.manual_seed(int(state.get("config", {}).get("seed", 0)))
     model = build_model(model_config)
-    engine_dir = str(path / "engine")
-    if state["engine"] == "deepspeed":
-        from tape_pretrain.distributed.deepspeed_engine import consolidate_checkpoint
-        weights = consolidate_checkpoint(engine_dir)
-    else:
-        from tape_pretrain.distributed.fsdp_engine import consolidate_checkpoint
-        weights = consolidate_checkpoint(engine_dir, model)
+    try:
+        engine = engine_class(state["engine"])
+    except ConfigError:
+        raise CheckpointError(f"{path}: written by an engine this version does not know "
+                              f"({state['engine']!r})") from None
+    weights = engine.consolidate(str(path / "engine"), model)
     missing = set(model.state_dict()) - set(weights)
     if missing:  # frozen parameters (TAPE last-layer update weights) may be absent; their output is never read
         model_state = model.state_dict()

@@ -13,9 +13,22 @@ from pathlib import Path
 from tape_pretrain.config import LoggingConfig
 from tape_pretrain.utils.redact import redact
 
-# Dense bf16 peak FLOP/s per GPU, for MFU (override with trainer.peak_flops).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU from the vendors' data sheets, for MFU; override with
+# trainer.peak_flops (e.g. for a power-capped part). Matched against torch.cuda.get_device_name() in this order:
+# more specific names first ("H100 PCIe" before "H100"; the SXM part reports e.g. "NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = (
+    ("GB200", 2500e12), ("B200", 2250e12), ("GH200", 989e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12),
+    ("V100", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+)
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    for key, value in PEAK_FLOPS:
+        if key in device_name:
+            return value
+    return None
 
 
 def gpu_peak_flops() -> float | None:
@@ -23,11 +36,7 @@ def gpu_peak_flops() -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_for(torch.cuda.get_device_name())
 
 
 def float_hex(value: float) -> str:

@@ -26,6 +26,7 @@ from tape_pretrain.errors import CheckpointError, DataError, StorageError
 from tape_pretrain.models import build_model
 from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
+from tape_pretrain.train.initial_weights import model_source
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
 from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.train.run_lock import lock_run_directory
@@ -68,11 +69,18 @@ def run_curriculum(config: RunConfig) -> Curriculum:
     return Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
 
 
+IMPLEMENTATION_ONLY_POSITIONAL_KEYS = ("tape_attention",)
+"""model.positional keys that choose how, not what, the model computes: a run may resume with another value."""
+
+
 def resume_identity(config: RunConfig, vocab_size: int) -> dict:
     """What `Trainer.trainer_state` records of a run that a resumed run must match: the model, the global batch
     and window length, the curriculum and the engine (compared by check_resume_compatible)."""
+    model = to_dict(dataclasses.replace(resolve_run_model_config(config, vocab_size), init_from=None))
+    for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
+        model["positional"].pop(key, None)
     return {
-        "model": to_dict(dataclasses.replace(resolve_run_model_config(config, vocab_size), init_from=None)),
+        "model": model,
         "global_batch_tokens": config.trainer.global_batch_tokens,
         "seq_len": config.trainer.seq_len,
         "curriculum": run_curriculum(config).fingerprint(),
@@ -138,14 +146,10 @@ class Trainer:
                   "larger --val-fraction)", flush=True)
         self.curriculum = run_curriculum(config)
 
+        with torch.device("meta"):  # for FLOP counts (MFU); built before seeding: construction draws a number
+            self.shape_model = build_model(self.model_config, initialise=False)
         torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
-        model = build_model(self.model_config)
-        if self.model_config.init_from:
-            from tape_pretrain.train.export import load_export_weights
-
-            load_export_weights(model, self.model_config.init_from)
-        self.model = model
-        self.engine = build_engine(model, config, env, self.grad_accum)
+        self.engine = build_engine(model_source(self.model_config), config, env, self.grad_accum)
         torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
 
         self.checkpoints = CheckpointManager(self.run_directory, env, config.checkpoint.keep_last,
@@ -290,7 +294,7 @@ class Trainer:
                             delay=1.0)
         last = {}
         window_start = time.perf_counter()
-        window_tokens = 0
+        window_tokens, paused = 0, 0.0
         while self.step < t.max_steps:
             tokens_before = self.step * t.global_batch_tokens
             seq_len = self.curriculum.seq_len(tokens_before)
@@ -309,24 +313,35 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
 
-            stop = all_agree_any(self.stop_requested, env) or self.step == t.stop_at_step
+            preempted = all_agree_any(self.stop_requested, env)
+            stop = preempted or self.step == t.stop_at_step
             final = self.step == t.max_steps or stop
             if self.step % t.log_interval == 0 or final:
-                elapsed = time.perf_counter() - window_start
+                self._synchronize()  # the window's kernels may still be queued: count them before the clock stops
+                elapsed = time.perf_counter() - window_start - paused
                 last = self._log(losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed)
-                window_start, window_tokens = time.perf_counter(), 0
-            if (t.eval_interval and self.step % t.eval_interval == 0) or final:
+                window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+            # a stop signal saves at once: the preemption grace period is not spent on evaluation
+            evaluate = ((t.eval_interval and self.step % t.eval_interval == 0) or final) and not preempted
+            checkpoint = (self.config.checkpoint.interval and self.step % self.config.checkpoint.interval == 0) or final
+            if evaluate or checkpoint:
+                # Evaluation and checkpoints are not training: their time leaves the throughput window. The sync
+                # makes the training kernels still queued count as training, not as the pause.
+                self._synchronize()
+                pause_start = time.perf_counter()
+            if evaluate:
                 val = self.evaluate()
                 if val is not None and env.is_main:
                     self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens,
                                       "val_loss": val})
                     last["val_loss"] = val
-            interval = self.config.checkpoint.interval
-            if (interval and self.step % interval == 0) or final:
+            if checkpoint:
                 self.checkpoints.save(self.step, self.engine, self.trainer_state(),
                                       extra_uploads=["metrics.jsonl", "config.json"], blocking=final)
             else:
                 self.checkpoints.maybe_commit()
+            if evaluate or checkpoint:
+                paused += time.perf_counter() - pause_start
             if stop:
                 break
         if progress is not None:
@@ -337,6 +352,10 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return last
+
+    def _synchronize(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
 
     def _log(self, losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed) -> dict:
         t = self.config.trainer
@@ -356,7 +375,7 @@ class Trainer:
         }
         peak = self.config.trainer.peak_flops or gpu_peak_flops()
         if peak:
-            flops = 3 * self.model.forward_flops_per_token(seq_len) * tokens_per_s
+            flops = 3 * self.shape_model.forward_flops_per_token(seq_len) * tokens_per_s
             record["mfu"] = flops / (peak * self.env.world_size)
         if self.env.is_main:
             self.metrics.log(record)

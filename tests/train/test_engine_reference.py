@@ -23,16 +23,17 @@ from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
 from tape_pretrain.data.manifest import load_manifest
 from tape_pretrain.distributed.engine import param_groups
 from tape_pretrain.models import build_model
+from tape_pretrain.train.export import export_checkpoint
 from tape_pretrain.train.schedule import learning_rate
 from tape_pretrain.train.trainer import resolve_run_model_config
 from tests.helpers import metrics, run, train_command, write_config
 
 STEPS = 5
 # 16 windows of 64 tokens per step in micro-batches of 4: accumulation 4 on one process, 2 on two. The pre-clip
-# grad norm is 0.6-0.9 over these steps, so a clip at 0.5 is active at every step. Cosine after 2 warmup steps.
+# grad norm is 0.49-0.76 over these steps, so a clip at 0.4 is active at every step. Cosine after 2 warmup steps.
 # Three heads of width 16: TAPE's 3x3 gamma matrix has 9 elements, which 2 ranks cannot split evenly (ZeRO-3 pads).
 SETTINGS = {"trainer.max_steps": STEPS, "trainer.global_batch_tokens": 1024, "trainer.micro_batch_size": 4,
-            "optim.grad_clip": 0.5, "schedule.name": "cosine", "schedule.warmup_steps": 2,
+            "optim.grad_clip": 0.4, "schedule.name": "cosine", "schedule.warmup_steps": 2,
             "model.hidden_size": 48, "model.num_heads": 3, "model.ffn_hidden_size": 96}
 # Relative errors; weights as ||w - w_ref|| / ||w_ref|| per tensor. Measured over every variant (fp32): losses
 # 6.1e-8, grad norms 9.3e-8, weights 2.2e-6; missing weight decay alone moves weights by about 1.5e-3 in 5 steps.
@@ -52,6 +53,13 @@ for processes in (1, 2):
 # FIRE's one-element parameters (0-dim ones failed at start-up on FSDP2 and on DeepSpeed with 2 ranks).
 VARIANTS["fsdp2-1-fire"] = (1, "fsdp2", 0, "fp32", "fire")
 VARIANTS["zero2-2-fire"] = (2, "deepspeed", 2, "fp32", "fire")
+VARIANTS["ddp-1"] = (1, "ddp", 0, "fp32", "tape")
+VARIANTS["ddp-2"] = (2, "ddp", 0, "fp32", "tape")
+# HSDP: 2 replicas of 2 shards. Micro-batches of 2 keep accumulation at 2 on 4 ranks. Not reshard_after_forward,
+# so the other FSDP2 setting is exercised too.
+VARIANTS["hsdp-4"] = (4, "fsdp2", 0, "fp32", "tape")
+EXTRA_SETTINGS = {"hsdp-4": {"parallel.replicate_degree": 2, "trainer.micro_batch_size": 2,
+                             "parallel.reshard_after_forward": False}}
 # One process is fast (3-8 s a run) and runs in the default fast suite; two processes are the slow, distributed half.
 PARAMS = [pytest.param(name, marks=[] if VARIANTS[name][0] == 1 else [pytest.mark.slow, pytest.mark.distributed])
           for name in VARIANTS]
@@ -128,12 +136,15 @@ def reference(workdir, dataset_path):
 
 def engine_run(workdir, dataset_path, name) -> dict:
     processes, engine, stage, precision, encoding = VARIANTS[name]
-    config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **SETTINGS, **{
+    config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **{**SETTINGS, **{
         "parallel.engine": engine, "parallel.zero_stage": stage, "trainer.precision": precision,
-        "model.positional.name": encoding})
+        "model.positional.name": encoding}, **EXTRA_SETTINGS.get(name, {})})
     run(train_command(0 if processes == 1 else processes, config))
-    weights = load_file(str(workdir / name / "export" / "model.safetensors"))  # the end-of-run export
-    return {"metrics": metrics(workdir / name), "weights": weights}
+    weights = load_file(str(workdir / name / "export" / "model.safetensors"))  # the end-of-run export: live weights
+    # the last checkpoint consolidated offline, through the engine's interface (export_checkpoint -> consolidate)
+    export_checkpoint(str(workdir / name), str(workdir / f"{name}-consolidated"))
+    consolidated = load_file(str(workdir / f"{name}-consolidated" / "model.safetensors"))
+    return {"metrics": metrics(workdir / name), "weights": weights, "consolidated": consolidated}
 
 
 def relative(a: float, b: float) -> float:
@@ -154,7 +165,9 @@ def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, nam
                                                                                want_norm)
         assert want_norm > SETTINGS["optim.grad_clip"]  # the clip really acted at this step
     weights = result["weights"]
-    assert set(weights) == set(want["weights"])
+    assert set(weights) == set(want["weights"]) == set(result["consolidated"])
+    for key, value in result["consolidated"].items():  # offline consolidation is exactly the live fp32 weights
+        assert torch.equal(value, weights[key]), (name, key)
     for key, expected in want["weights"].items():
         if key.endswith("positional.mlp.2.bias"):
             # FIRE's output bias adds one constant per head to every logit of a row: softmax cancels it, so its
@@ -182,14 +195,15 @@ def test_reference_learns(reference):
 def test_deepspeed_bf16_accumulates_and_reduces_in_fp32(tmp_path, dataset_path):
     from tape_pretrain.config import ConfigError
     from tape_pretrain.distributed.deepspeed_engine import deepspeed_config
+    from tape_pretrain.distributed.engine import EngineSetup
     from tape_pretrain.distributed.env import DistEnv
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
     config = load_config(write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **SETTINGS,
                                       **{"trainer.precision": "bf16", "parallel.zero_stage": 2}))
-    ds = deepspeed_config(config, env, grad_accum=4)
+    ds = deepspeed_config(EngineSetup.from_run(config, env, grad_accum=4))
     assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
     assert ds["communication_data_type"] == "fp32"
     config.parallel.zero_stage = 0
     with pytest.raises(ConfigError, match="ZeRO-0 in bf16"):
-        deepspeed_config(config, env, grad_accum=4)
+        deepspeed_config(EngineSetup.from_run(config, env, grad_accum=4))

@@ -66,8 +66,10 @@ class PositionalLayer(nn.Module):
     def after_mlp(self, mlp_out: torch.Tensor, state: State) -> State:  # mlp_out: [B,N,d]
         return state
 
-    def reset_parameters(self) -> None:
-        """Re-initialise parameters after the model-wide normal init (override where it differs)."""
+    def initial_value(self, name: str, shape: torch.Size) -> torch.Tensor | None:
+        """The initial fp32 value of this layer's parameter ``name`` (relative to the layer), or None for the
+        model-wide rule (normal weights, zero biases). Override where the encoding's init differs."""
+        return None
 
 
 class PositionalEncoding(nn.Module):

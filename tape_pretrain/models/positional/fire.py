@@ -27,12 +27,12 @@ class FIRELayer(PositionalLayer):
         self.threshold = nn.Parameter(torch.tensor([1.0]))  # lambda; L~ = |lambda * init_threshold|
         self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, num_heads))
 
-    def reset_parameters(self):
-        with torch.no_grad():
-            self.c.fill_(self.init_c)
-            self.threshold.fill_(1.0)
-            for linear in (self.mlp[0], self.mlp[2]):
-                linear.bias.zero_()
+    def initial_value(self, name, shape):
+        if name == "c":
+            return torch.full(shape, self.init_c)
+        if name == "threshold":
+            return torch.ones(shape)
+        return None  # the MLP: normal weights, zero biases (the model-wide rule)
 
     def bias(self, positions: torch.Tensor, causal_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """[1, H, N, N] additive bias of ``dtype`` for integer positions [N].

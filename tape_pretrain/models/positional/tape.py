@@ -20,6 +20,26 @@ from tape_pretrain.models.positional.base import (
     rotary_tables,
 )
 
+# The widest value head dim that CUDA's fused kernels take in one call (memory-efficient and cuDNN accept a value
+# wider than q/k up to 256; flash needs equal widths). A wider value would run the math kernel, which materialises
+# the [N, N] attention matrix: two calls of width D each then stay on the fused kernels.
+MAX_FUSED_VALUE_DIM = 256
+
+
+def resolve_attention_form(form: str, device_type: str, head_dim: int) -> str:
+    """The form TAPELayer.attend uses on ``device_type``: ``form`` itself, or for "auto" the faster one there.
+
+    CUDA: one call over the 2D-wide value [v|c|s] runs one QK^T and softmax for both outputs (29 % fewer
+    attention FLOPs than two calls) on the memory-efficient or cuDNN kernel. CPU: the fused (flash) kernel needs
+    q, k and v of equal width, so one call takes the math kernel (full [N, N] matrix, no causal skipping) and two
+    calls are faster (bench model --tape-attention both: TODO figures). Other devices: two calls, the form that
+    never leaves the fused kernels."""
+    if form != "auto":
+        return form
+    if device_type == "cuda" and 2 * head_dim <= MAX_FUSED_VALUE_DIM:
+        return "one_call"
+    return "two_calls"
+
 
 class TAPEPositionMLP(nn.Module):
     """The MLP-side update M_n = W_pd diag(silu(W_x m_n)) W_pu, an H x H head mix per token."""
@@ -48,8 +68,10 @@ class TAPEPositionMLP(nn.Module):
 
 
 class TAPELayer(PositionalLayer):
-    def __init__(self, hidden_size: int, num_heads: int, position_size: int, is_last: bool):
+    def __init__(self, hidden_size: int, num_heads: int, position_size: int, is_last: bool,
+                 attention_form: str = "auto"):
         super().__init__()
+        self.attention_form = attention_form  # model.positional.tape_attention, resolved per call and device
         # gamma_h is the row sum of this H x H matrix, kept as a matrix to match the official optimizer dynamics.
         self.post_attention_linear = nn.Linear(num_heads, num_heads, bias=False)
         self.pe = TAPEPositionMLP(hidden_size, num_heads, position_size)
@@ -59,19 +81,22 @@ class TAPELayer(PositionalLayer):
             # gradient would also never get optimizer state, which breaks resharded checkpoint loading.
             self.requires_grad_(False)
 
-    def reset_parameters(self):
-        nn.init.zeros_(self.post_attention_linear.weight)
-        nn.init.zeros_(self.pe.up_proj.weight)
+    def initial_value(self, name, shape):
+        # Zero init of gamma and W_pu: the model starts as exactly the RoPE Llama with the same backbone weights.
+        if name in ("post_attention_linear.weight", "pe.up_proj.weight"):
+            return torch.zeros(shape)
+        return None
 
     def attend(self, q, k, v, cs, causal):
         c, s = cs.chunk(2, dim=-1)
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
-        out = attention(q, k, v, causal)  # [B, H, N, D]
         if self.is_last:
-            return out, cs
-        # A second call with the same q, k reuses the fused kernel ([c|s] is exactly D wide), where one call
-        # over [v|c|s] (2D wide) would fall back to the math kernel; autograd stays exact either way.
-        moved = attention(q, k, cs, causal)  # A @ [c|s]: [B, H, N, 2F]
+            return attention(q, k, v, causal), cs
+        if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1]) == "one_call":
+            out, moved = attention(q, k, torch.cat((v, cs), dim=-1), causal).split(v.shape[-1], dim=-1)
+        else:
+            out = attention(q, k, v, causal)  # [B, H, N, D]
+            moved = attention(q, k, cs, causal)  # A @ [c|s]: [B, H, N, 2F]
         gamma = self.post_attention_linear.weight.sum(dim=-1)  # [H]
         return out, cs + gamma[:, None, None].to(cs.dtype) * moved
 
@@ -92,7 +117,8 @@ class TAPE(PositionalEncoding):
 
     def make_layer(self, layer_idx):
         c = self.config
-        return TAPELayer(c.hidden_size, c.num_heads, self.position_size, is_last=layer_idx == c.num_layers - 1)
+        return TAPELayer(c.hidden_size, c.num_heads, self.position_size, is_last=layer_idx == c.num_layers - 1,
+                         attention_form=c.positional.tape_attention)
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
         if self.random_offset and self.training:

@@ -1,0 +1,108 @@
+"""model.positional.tape_attention: one attention call over [v|c|s] and two calls compute the same model."""
+
+import pytest
+import torch
+
+from tape_pretrain.config import ConfigError, PositionalConfig, from_dict
+from tape_pretrain.models.positional import tape as tape_module
+from tape_pretrain.models.positional.tape import resolve_attention_form
+from tests.models.test_tape_properties import initial_state, run_layers, tape_model
+
+
+
+def assert_equal_to_rounding(actual, expected, what):
+    """Equal within 1e-12 relative, each element or on the tensor's scale (an element near zero gets the
+    tensor's rounding, not its own)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item(),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def model_with(form, seed=0):
+    model = tape_model(seed=seed, positional=PositionalConfig(name="tape", tape_attention=form))
+    assert all(layer.positional.attention_form == form for layer in model.layers)
+    return model
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 97, (2, 16))
+
+
+def forward_backward(model, ids):
+    """Logits, the state each layer hands on, and every parameter's gradient."""
+    logits, states = run_layers(model, ids, initial_state(model, ids))
+    torch.manual_seed(2)
+    proj = torch.randn_like(logits)  # every logit carries gradient
+    (torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()) + (proj * logits).sum()
+     ).backward()
+    return logits.detach(), [s.detach() for s in states], {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_one_call_equals_two_calls(ids):
+    two = model_with("two_calls")
+    one = model_with("one_call")
+    one.load_state_dict(two.state_dict())
+    logits_two, states_two, grads_two = forward_backward(two, ids)
+    logits_one, states_one, grads_one = forward_backward(one, ids)
+    assert (states_two[0] - initial_state(two, ids)).abs().max() > 0.1  # gamma != 0: the state really moves
+    assert_equal_to_rounding(logits_one, logits_two, "logits")
+    for layer, (s1, s2) in enumerate(zip(states_one, states_two)):
+        assert_equal_to_rounding(s1, s2, f"state after layer {layer}")
+    for name, grad in grads_two.items():
+        if grad is None:  # the last layer's frozen TAPE weights
+            assert grads_one[name] is None, name
+            continue
+        assert grad.abs().sum() > 0, name  # the comparison is not vacuous
+        assert_equal_to_rounding(grads_one[name], grad, f"grad of {name}")
+
+
+class CountingAttention:
+    """Wraps base.attention to record the width of every value it is given."""
+
+    def __init__(self):
+        self.value_widths = []
+        self.wrapped = tape_module.attention
+
+    def __call__(self, q, k, v, causal, *args, **kwargs):
+        self.value_widths.append(v.shape[-1])
+        return self.wrapped(q, k, v, causal, *args, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["auto", "two_calls", "one_call"])
+def test_calls_per_layer_on_cpu(ids, form, monkeypatch):
+    """auto takes two calls on the CPU (one 2D-wide value would leave the flash kernel for the math kernel);
+    the last layer makes one call in every form."""
+    model = model_with(form)
+    counter = CountingAttention()
+    monkeypatch.setattr(tape_module, "attention", counter)
+    with torch.no_grad():
+        model(ids)
+    d, num_layers = model.positional.head_dim, model.config.num_layers
+    per_updating_layer = [2 * d] if form == "one_call" else [d, d]
+    assert counter.value_widths == per_updating_layer * (num_layers - 1) + [d]
+
+
+def test_auto_per_device():
+    assert resolve_attention_form("auto", "cpu", 64) == "two_calls"
+    assert resolve_attention_form("auto", "cuda", 64) == "one_call"
+    assert resolve_attention_form("auto", "cuda", 128) == "one_call"
+    assert resolve_attention_form("auto", "cuda", 160) == "two_calls"  # a 320-wide value: no fused kernel
+    assert resolve_attention_form("auto", "mps", 64) == "two_calls"
+    for form in ("one_call", "two_calls"):
+        assert resolve_attention_form(form, "cpu", 64) == resolve_attention_form(form, "cuda", 256) == form
+
+
+def test_unknown_form_is_a_config_error():
+    with pytest.raises(ConfigError, match="positional.tape_attention: 'three_calls' is not one of"):
+        from_dict(PositionalConfig, {"tape_attention": "three_calls"}, "model.positional")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_call_runs_on_a_fused_cuda_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k = (torch.randn(1, 12, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    value = torch.randn(1, 12, 256, 128, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):  # raises if neither accepts
+        torch.nn.functional.scaled_dot_product_attention(q, k, value, is_causal=True)
