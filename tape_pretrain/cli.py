@@ -112,7 +112,10 @@ def cmd_inspect_model(args) -> None:
 def cmd_bench(args) -> None:
     what = args.what
     if args.batch is None:
-        args.batch = 8 if what == "gpu" else 1
+        # On a GPU, batch 1 at the 155M shape is launch-bound (it times kernel launches, not the model)
+        import torch
+
+        args.batch = 8 if what == "gpu" or (what == "model" and torch.cuda.is_available()) else 1
     if what == "all":
         from tape_pretrain.bench import suite
 
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "gpu", "all"])
     p.add_argument("--preset", default="paper-155m")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=None, help="default 1 (bench gpu: 8)")
+    p.add_argument("--batch", type=int, default=None, help="default 1 (bench gpu, and bench model on a GPU: 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="bench model: torch.compile each block of both models")
     p.add_argument("--tape-attention", choices=["auto", "two_calls", "one_call", "both"], default="auto",

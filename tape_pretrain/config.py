@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -193,7 +194,8 @@ class ParallelConfig:
     """FSDP2: free each block's gathered parameters after its forward (gathered again for backward); false keeps
     them, trading memory for one all-gather per block and step."""
     overlap_comm: bool | None = None
-    """DeepSpeed: overlap gradient reduction with the backward pass (null: on for GPUs, DeepSpeed's default on CPU)."""
+    """DeepSpeed: overlap gradient reduction with the backward pass (null: on for GPUs; on CPU DeepSpeed's own default,
+    on for ZeRO-3 only)."""
 
 
 @dataclass
@@ -455,6 +457,16 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"parallel.replicate_degree must be >= 1, got {config.parallel.replicate_degree}")
     if config.parallel.replicate_degree > 1 and config.parallel.engine != "fsdp2":
         raise ConfigError("parallel.replicate_degree (HSDP) needs parallel.engine=fsdp2")
+    p = config.parallel
+    ignored = [(p.engine != "fsdp2" and not p.reshard_after_forward, "parallel.reshard_after_forward (FSDP2 only)"),
+               (p.engine != "deepspeed" and p.overlap_comm is not None, "parallel.overlap_comm (DeepSpeed only)"),
+               (p.engine != "deepspeed" and p.deepspeed_config is not None,
+                "parallel.deepspeed_config (DeepSpeed only)"),
+               (p.engine == "deepspeed" and config.checkpoint.async_save,
+                "checkpoint.async_save (DeepSpeed saves synchronously)")]
+    for is_ignored, what in ignored:
+        if is_ignored:
+            warnings.warn(f"{what} is ignored with parallel.engine={p.engine}", stacklevel=2)
     if config.parallel.engine == "ddp" and config.trainer.precision == "bf16":
         raise ConfigError("parallel.engine=ddp trains in fp32 (the plain baseline): use fsdp2 or deepspeed for bf16")
     if not 0 <= config.parallel.zero_stage <= 3:

@@ -4,6 +4,8 @@ With ``tape_attention="both"`` TAPE runs in both attention forms (one call over 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -21,21 +23,31 @@ def make_step(name: str, preset: str, seq_len: int, batch: int, device: torch.de
               compile_blocks: bool = False, tape_attention: str = "auto"):
     torch.manual_seed(0)
     positional = PositionalConfig(name=name, tape_attention=tape_attention)
-    model = build_model(ModelConfig(preset=preset, max_seq_len=seq_len, positional=positional)).to(device)
+    master = build_model(ModelConfig(preset=preset, max_seq_len=seq_len, positional=positional)).to(device)
+    # As the engines compute in bf16: the forward and backward run on a bf16 copy of every parameter (FSDP2's
+    # param_dtype; DeepSpeed's bf16 module), the fp32 master weights take the optimizer step and are copied back.
+    model = copy.deepcopy(master).to(dtype) if dtype != torch.float32 else master
     if compile_blocks:
         compile_model_blocks(model)  # compiled during the warm-up steps, which are not timed
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(master.parameters(), lr=1e-4, foreach=True)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    pairs = list(zip(model.parameters(), master.parameters())) if model is not master else []
 
     def step():
-        with autocast:
-            logits = model(inputs)
+        logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
+        if pairs:
+            for low, high in pairs:
+                if low.grad is not None:
+                    high.grad = low.grad.float()
+                    low.grad = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([low for low, _ in pairs], [high for _, high in pairs])
 
     return step
 
@@ -49,6 +61,8 @@ def run(preset: str = "paper-155m", seq_len: int = 1024, batch: int = 1, repeats
     form that "auto" picks on this device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = resolve_model_config(ModelConfig(preset=preset))
+    auto = resolve_attention_form("auto", device.type, config.hidden_size // config.num_heads, seq_len)
     variants = {name: (name, "auto") for name in encodings}
     if "tape" in encodings and tape_attention == "both":
         del variants["tape"]
@@ -62,8 +76,6 @@ def run(preset: str = "paper-155m", seq_len: int = 1024, batch: int = 1, repeats
         print(f"{name:>14}: {seconds * 1000:9.1f} ms/step  ({preset}, N={seq_len}, B={batch}, {device.type}, "
               f"{str(dtype).removeprefix('torch.')}{', compiled' if compile_blocks else ''}, median of {repeats})")
     if "tape" in encodings:
-        config = resolve_model_config(ModelConfig(preset=preset))
-        auto = resolve_attention_form("auto", device.type, config.hidden_size // config.num_heads)
         print(f"{'tape attention':>14}: {tape_attention} (auto picks {auto} on {device.type})")
         if tape_attention == "both":
             medians["tape"] = medians[f"tape_{auto}"]

@@ -20,6 +20,8 @@ from tape_pretrain.utils.safe_load import safe_dcp_load
 
 
 class DDPEngine(Engine):
+    bf16_capable = False
+
     def __init__(self, source: ModelSource, setup: EngineSetup):
         if setup.dtype != torch.float32:
             raise ConfigError("parallel.engine=ddp trains in fp32: set trainer.precision=fp32, or use fsdp2 or "

@@ -24,14 +24,17 @@ def deepspeed_config(setup: EngineSetup) -> dict:
     bf16 = setup.dtype == torch.bfloat16
     parallel = setup.parallel
     stage = parallel.zero_stage
+    zero = {"stage": stage}
     overlap = parallel.overlap_comm
-    if overlap is None:
-        overlap = setup.env.device.type == "cuda"
+    if overlap is None and setup.env.device.type == "cuda":
+        overlap = True  # reductions overlap the backward pass (DeepSpeed's own default turns it on for ZeRO-3 only)
+    if overlap is not None:
+        zero["overlap_comm"] = overlap
     ds = {
         "train_micro_batch_size_per_gpu": setup.micro_batch_size,
         "gradient_accumulation_steps": setup.grad_accum,
         "gradient_clipping": setup.optim.grad_clip,
-        "zero_optimization": {"stage": stage, "overlap_comm": overlap},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -152,9 +152,9 @@ def stack(device: torch.device) -> dict[str, str]:
 
 ATTENTION_CALLS = {
     "rope": "RoPE: q, k, v [B,H,N,D], is_causal",
-    "tape_v": "TAPE A @ v: the same call",
-    "tape_cs": "TAPE A @ [c|s]: value of width D",
-    "tape_one_call": "TAPE A @ [v|c|s] in one call: value of width 2D (not used; for comparison)",
+    "tape_v": "TAPE A @ v (tape_attention=two_calls): the same call",
+    "tape_cs": "TAPE A @ [c|s] (two_calls): value of width D",
+    "tape_one_call": "TAPE A @ [v|c|s] (one_call; auto on CUDA when 2D <= 256): value of width 2D",
 }
 
 

@@ -12,6 +12,7 @@ import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,11 @@ class EngineSetup:
     env: DistEnv
 
     @classmethod
-    def from_run(cls, config: RunConfig, env: DistEnv, grad_accum: int) -> EngineSetup:
-        return cls(config.parallel, config.optim, compute_dtype(config.trainer.precision, env.device),
+    def from_run(cls, config: RunConfig, env: DistEnv, grad_accum: int, bf16_capable: bool = True) -> EngineSetup:
+        precision = config.trainer.precision
+        if precision == "auto" and not bf16_capable:
+            precision = "fp32"
+        return cls(config.parallel, config.optim, compute_dtype(precision, env.device),
                    config.trainer.micro_batch_size, grad_accum, config.checkpoint.async_save, env)
 
 
@@ -132,6 +136,8 @@ class Engine:
     """Forward/backward with accumulation, the optimizer step, and state save/load."""
 
     module: nn.Module
+    bf16_capable: ClassVar[bool] = True
+    """False for an engine that trains in fp32 only: trainer.precision=auto then means fp32 on GPUs too."""
 
     def __init__(self, source: ModelSource, setup: EngineSetup):
         raise NotImplementedError
@@ -186,4 +192,5 @@ def build_engine(model: nn.Module | ModelSource, config: RunConfig, env: DistEnv
     """The engine parallel.engine names, for an eagerly built model or a ModelSource (which lets the engine build
     the model itself: on the meta device for FSDP2, partitioned for ZeRO-3)."""
     source = model if isinstance(model, ModelSource) else ModelSource.of(model)
-    return engine_class(config.parallel.engine)(source, EngineSetup.from_run(config, env, grad_accum))
+    cls = engine_class(config.parallel.engine)
+    return cls(source, EngineSetup.from_run(config, env, grad_accum, cls.bf16_capable))

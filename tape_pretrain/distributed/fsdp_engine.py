@@ -44,6 +44,11 @@ class FSDP2Engine(Engine):
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
         if source.lazy:
             materialise_shards(model, source, setup.env.device)
+        if setup.env.is_main:  # read back from a parameter: the layout training really uses
+            param = next(model.parameters())
+            dims = dict(zip(param.device_mesh.mesh_dim_names or ("shard",), param.device_mesh.shape))
+            print(f"fsdp2: parameters on mesh {dims}, placements {[str(p) for p in param.placements]}, "
+                  f"reshard_after_forward={parallel.reshard_after_forward}", flush=True)
         self.module = model
         self.optimizer = adamw(model, setup.optim)
         self._pending_save = self._staging = self._stager = None

@@ -130,10 +130,18 @@ def _export(path: Path, state: dict, out: str) -> None:
     raw = dict(state["model"])
     raw["positional"] = PositionalConfig(**raw["positional"])
     model_config = from_dict(ModelConfig, raw)
-    # Seeded as the run was when it built its model: parameters that a checkpoint lacks (DeepSpeed does not save
-    # frozen ones) get the values the run started from, which, frozen, it still had.
-    torch.manual_seed(int(state.get("config", {}).get("seed", 0)))
+    # Built as the run built its model (its seed, or its model.init_from): parameters that a checkpoint lacks
+    # (DeepSpeed does not save frozen ones) get the values the run started from, which, frozen, it still had.
+    run_config = state.get("config", {})
+    torch.manual_seed(int(run_config.get("seed", 0)))
     model = build_model(model_config)
+    init_from = run_config.get("model", {}).get("init_from")
+    if init_from and (Path(init_from) / WEIGHTS).is_file():
+        try:
+            load_export_weights(model, init_from)
+        except CheckpointError as exc:  # only frozen parameters' values are at stake: never read by the model
+            print(f"warning: model.init_from of the run is unusable ({exc}); frozen parameters missing from the "
+                  "checkpoint take their seeded initial values")
     try:
         engine = engine_class(state["engine"])
     except ConfigError:

@@ -48,7 +48,7 @@ def model_source(model_config: ModelConfig) -> ModelSource:
     export = ExportWeights(model_config.init_from, model_config) if model_config.init_from else None
 
     def build(complete: bool):
-        model = build_model(model_config, initialise=complete)
+        model = build_model(model_config, initialise=complete and export is None)
         if complete and export is not None:
             load_export_weights(model, export.directory)
         return model

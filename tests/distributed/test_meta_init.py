@@ -43,6 +43,12 @@ def test_initial_weights_depend_on_seed_and_name_only():
     for key, value in rope.items():
         assert torch.equal(tape[key], value), key
     assert not torch.equal(other["embed_tokens.weight"], rope["embed_tokens.weight"])
+    # every parameter draws its own values: equal shapes, different weights, each with the configured spread
+    for a, b in (("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"),
+                 ("layers.0.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight")):
+        assert tape[a].shape == tape[b].shape and not torch.equal(tape[a], tape[b])
+    init_std = ModelConfig(preset="tiny").init_std
+    assert abs(tape["embed_tokens.weight"].std().item() / init_std - 1) < 0.02
     with torch.device("meta"):
         torch.manual_seed(0)
         meta = build_model(ModelConfig(preset="tiny", vocab_size=97, positional=PositionalConfig(name="tape")))

@@ -9,7 +9,6 @@ from tape_pretrain.models.positional.tape import resolve_attention_form
 from tests.models.test_tape_properties import initial_state, run_layers, tape_model
 
 
-
 def assert_equal_to_rounding(actual, expected, what):
     """Equal within 1e-12 relative, each element or on the tensor's scale (an element near zero gets the
     tensor's rounding, not its own)."""
@@ -23,15 +22,13 @@ def model_with(form, seed=0):
     return model
 
 
-@pytest.fixture
-def ids():
-    torch.manual_seed(1)
-    return torch.randint(0, 97, (2, 16))
+def random_ids(n):
+    return torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(1))
 
 
-def forward_backward(model, ids):
+def forward_backward(model, ids, causal):
     """Logits, the state each layer hands on, and every parameter's gradient."""
-    logits, states = run_layers(model, ids, initial_state(model, ids))
+    logits, states = run_layers(model, ids, initial_state(model, ids), causal)
     torch.manual_seed(2)
     proj = torch.randn_like(logits)  # every logit carries gradient
     (torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()) + (proj * logits).sum()
@@ -39,12 +36,15 @@ def forward_backward(model, ids):
     return logits.detach(), [s.detach() for s in states], {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_one_call_equals_two_calls(ids):
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [16, 300])  # 300: more than one query block of causal_attention_in_blocks
+def test_one_call_equals_two_calls(n, causal):
+    ids = random_ids(n)
     two = model_with("two_calls")
     one = model_with("one_call")
     one.load_state_dict(two.state_dict())
-    logits_two, states_two, grads_two = forward_backward(two, ids)
-    logits_one, states_one, grads_one = forward_backward(one, ids)
+    logits_two, states_two, grads_two = forward_backward(two, ids, causal)
+    logits_one, states_one, grads_one = forward_backward(one, ids, causal)
     assert (states_two[0] - initial_state(two, ids)).abs().max() > 0.1  # gamma != 0: the state really moves
     assert_equal_to_rounding(logits_one, logits_two, "logits")
     for layer, (s1, s2) in enumerate(zip(states_one, states_two)):
@@ -57,40 +57,56 @@ def test_one_call_equals_two_calls(ids):
         assert_equal_to_rounding(grads_one[name], grad, f"grad of {name}")
 
 
-class CountingAttention:
-    """Wraps base.attention to record the width of every value it is given."""
+class RecordingAttention:
+    """Wraps one of tape.py's attention functions to record the width of every value it is given."""
 
-    def __init__(self):
-        self.value_widths = []
-        self.wrapped = tape_module.attention
+    def __init__(self, wrapped, calls):
+        self.wrapped, self.calls = wrapped, calls
 
-    def __call__(self, q, k, v, causal, *args, **kwargs):
-        self.value_widths.append(v.shape[-1])
-        return self.wrapped(q, k, v, causal, *args, **kwargs)
+    def __call__(self, q, k, value, *args, **kwargs):
+        self.calls.append((self.wrapped.__name__, value.shape[-1]))
+        return self.wrapped(q, k, value, *args, **kwargs)
 
 
 @pytest.mark.parametrize("form", ["auto", "two_calls", "one_call"])
-def test_calls_per_layer_on_cpu(ids, form, monkeypatch):
-    """auto takes two calls on the CPU (one 2D-wide value would leave the flash kernel for the math kernel);
-    the last layer makes one call in every form."""
+def test_attention_calls_on_cpu(form, monkeypatch):
+    """auto takes one call on the CPU, as causal_attention_in_blocks (SDPA would run its math kernel); the last
+    layer makes one SDPA call in every form."""
     model = model_with(form)
-    counter = CountingAttention()
-    monkeypatch.setattr(tape_module, "attention", counter)
+    calls = []
+    for name in ("attention", "causal_attention_in_blocks"):
+        monkeypatch.setattr(tape_module, name, RecordingAttention(getattr(tape_module, name), calls))
     with torch.no_grad():
-        model(ids)
+        model(random_ids(16))
     d, num_layers = model.positional.head_dim, model.config.num_layers
-    per_updating_layer = [2 * d] if form == "one_call" else [d, d]
-    assert counter.value_widths == per_updating_layer * (num_layers - 1) + [d]
+    updating_layer = [("attention", d), ("attention", d)] if form == "two_calls" else [
+        ("causal_attention_in_blocks", 2 * d)]
+    assert calls == updating_layer * (num_layers - 1) + [("attention", d)]
 
 
 def test_auto_per_device():
-    assert resolve_attention_form("auto", "cpu", 64) == "two_calls"
-    assert resolve_attention_form("auto", "cuda", 64) == "one_call"
-    assert resolve_attention_form("auto", "cuda", 128) == "one_call"
-    assert resolve_attention_form("auto", "cuda", 160) == "two_calls"  # a 320-wide value: no fused kernel
-    assert resolve_attention_form("auto", "mps", 64) == "two_calls"
+    assert resolve_attention_form("auto", "cpu", 64, 1024) == "one_call"
+    assert resolve_attention_form("auto", "cpu", 64, 4096) == "two_calls"  # the kept attention matrix grows as N^2
+    assert resolve_attention_form("auto", "cuda", 64, 4096) == "one_call"
+    assert resolve_attention_form("auto", "cuda", 128, 4096) == "one_call"
+    assert resolve_attention_form("auto", "cuda", 160, 1024) == "two_calls"  # a 320-wide value: no fused kernel
+    assert resolve_attention_form("auto", "mps", 64, 1024) == "two_calls"
     for form in ("one_call", "two_calls"):
-        assert resolve_attention_form(form, "cpu", 64) == resolve_attention_form(form, "cuda", 256) == form
+        assert resolve_attention_form(form, "cpu", 64, 8192) == resolve_attention_form(form, "cuda", 256, 64) == form
+
+
+@pytest.mark.parametrize("n,block", [(16, 4), (16, 5), (7, 3), (16, 64)])
+def test_causal_attention_in_blocks_equals_sdpa(n, block):
+    torch.manual_seed(3)
+    q, k = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    value = torch.randn(2, 3, n, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, n, 16, dtype=torch.float64)
+    blocked = tape_module.causal_attention_in_blocks(q, k, value, block=block)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, value, is_causal=True)
+    assert_equal_to_rounding(blocked, expected, "output")
+    for name, got, want in zip(["q", "k", "value"], torch.autograd.grad(blocked, (q, k, value), grad),
+                               torch.autograd.grad(expected, (q, k, value), grad)):
+        assert_equal_to_rounding(got, want, f"grad of {name}")
 
 
 def test_unknown_form_is_a_config_error():

@@ -139,7 +139,12 @@ def engine_run(workdir, dataset_path, name) -> dict:
     config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **{**SETTINGS, **{
         "parallel.engine": engine, "parallel.zero_stage": stage, "trainer.precision": precision,
         "model.positional.name": encoding}, **EXTRA_SETTINGS.get(name, {})})
-    run(train_command(0 if processes == 1 else processes, config))
+    stdout = run(train_command(0 if processes == 1 else processes, config)).stdout
+    if engine == "fsdp2":  # the layout the parameters really have (HSDP: replicated across 2, sharded within 2)
+        hsdp = "replicate_degree" in str(EXTRA_SETTINGS.get(name, {}))
+        layout = ("{'replicate': 2, 'shard': 2}, placements ['R', 'S(0)'], reshard_after_forward=False" if hsdp
+                  else f"{{'shard': {processes}}}, placements ['S(0)'], reshard_after_forward=True")
+        assert f"fsdp2: parameters on mesh {layout}" in stdout
     weights = load_file(str(workdir / name / "export" / "model.safetensors"))  # the end-of-run export: live weights
     # the last checkpoint consolidated offline, through the engine's interface (export_checkpoint -> consolidate)
     export_checkpoint(str(workdir / name), str(workdir / f"{name}-consolidated"))

@@ -1,6 +1,7 @@
 """Exact resume: SIGTERM (preemption) and kill -9, 2 processes, across a curriculum phase change;
 losses after the resume are bitwise equal to an uninterrupted run."""
 
+import json
 import signal
 import time
 
@@ -59,6 +60,9 @@ def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engin
     assert len(saved) == 1, "preemption must leave exactly one complete checkpoint"
     stopped_at = int(saved[0].parent.name.split("_")[1])
     assert 3 <= stopped_at < 10
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["step"] == stopped_at for r in records)
+    assert not [r for r in records if "val_loss" in r], "a stop signal saves at once, without evaluating first"
     out = run(cmd)  # the same command resumes
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped_at:08d}'}" in out.stdout
     assert_bitwise_after(metrics(tmp_path / "run"), reference, stopped_at)

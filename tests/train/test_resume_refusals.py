@@ -116,6 +116,11 @@ def test_unchanged_config_resumes(saved_state, current):
     check_resume_compatible(saved_state, identity, set())
     # run length and logging are no part of it (a paused run is resumed with a longer max_steps)
     check_resume_compatible(saved_state, current("trainer.max_steps=10", "trainer.log_interval=5"), set())
+    # nor how TAPE's attention is computed (numerically the same model): not even recorded, so checkpoints written
+    # before the option existed resume too
+    assert "tape_attention" not in saved_state["model"]["positional"]
+    for form in ("one_call", "two_calls"):
+        check_resume_compatible(saved_state, current(f"model.positional.tape_attention={form}"), set())
 
 
 CHANGES = {  # id: (overrides, the allow_changes entry that waives it, what the error says)

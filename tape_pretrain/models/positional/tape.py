@@ -24,21 +24,46 @@ from tape_pretrain.models.positional.base import (
 # wider than q/k up to 256; flash needs equal widths). A wider value would run the math kernel, which materialises
 # the [N, N] attention matrix: two calls of width D each then stay on the fused kernels.
 MAX_FUSED_VALUE_DIM = 256
+# auto's limit for one call on the CPU: causal_attention_in_blocks keeps its attention probabilities for backward,
+# 5/8 of the [H, N, N] matrix at N = 1024 (31 MB per sequence and layer at H = 12 in fp32), growing as N^2.
+MAX_CPU_ONE_CALL_LEN = 2048
 
 
-def resolve_attention_form(form: str, device_type: str, head_dim: int) -> str:
+def resolve_attention_form(form: str, device_type: str, head_dim: int, seq_len: int) -> str:
     """The form TAPELayer.attend uses on ``device_type``: ``form`` itself, or for "auto" the faster one there.
 
-    CUDA: one call over the 2D-wide value [v|c|s] runs one QK^T and softmax for both outputs (29 % fewer
-    attention FLOPs than two calls) on the memory-efficient or cuDNN kernel. CPU: the fused (flash) kernel needs
-    q, k and v of equal width, so one call takes the math kernel (full [N, N] matrix, no causal skipping) and two
-    calls are faster (bench model --tape-attention both: TODO figures). Other devices: two calls, the form that
-    never leaves the fused kernels."""
+    One call over the 2D-wide value [v|c|s] does one QK^T and softmax for both outputs (29 % fewer attention FLOPs
+    than two calls). CUDA: one SDPA call, on the memory-efficient or cuDNN kernel while 2D <= MAX_FUSED_VALUE_DIM.
+    CPU: causal_attention_in_blocks, since SDPA's CPU flash kernel needs equal widths (bench model --tape-attention
+    both, paper-155m, N = 1024, fp32, 2 threads: a step takes 1.04-1.06x RoPE's with one call, 1.11-1.13x with two).
+    Elsewhere two calls, each on a fused kernel."""
     if form != "auto":
         return form
     if device_type == "cuda" and 2 * head_dim <= MAX_FUSED_VALUE_DIM:
         return "one_call"
+    if device_type == "cpu" and seq_len <= MAX_CPU_ONE_CALL_LEN:
+        return "one_call"
     return "two_calls"
+
+
+def causal_attention_in_blocks(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, block: int = 256):
+    """softmax(q k^T / sqrt(D) + causal mask) @ value, for a value wider than q and k, in plain autograd ops.
+
+    q, k: [B, H, N, D]; value: [B, H, N, E] -> [B, H, N, E]. Each block of queries meets only the keys it can see, so
+    the masked blocks are never computed: SDPA's math kernel, CPU's only one for E != D, computes all N^2 logits."""
+    b, h, n, _ = q.shape
+    scale = q.shape[-1] ** -0.5
+    q, k, value = q.flatten(0, 1), k.flatten(0, 1), value.flatten(0, 1)  # [BH, N, D], [BH, N, D], [BH, N, E]
+    size = min(block, n)
+    # ramp[r, j] = -inf where j > n + r: the causal bias of the query block starting at i is ramp[:, n - i : n - i + e].
+    ramp = torch.full((size, n + size), float("-inf"), dtype=q.dtype, device=q.device).triu(n + 1)
+    outs = []
+    for i in range(0, n, size):
+        e = min(i + size, n)  # this block's queries i..e-1 see keys 0..e-1
+        logits = torch.baddbmm(ramp[:e - i, n - i:n - i + e], q[:, i:e], k[:, :e].transpose(1, 2), alpha=scale)
+        probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(value.dtype)
+        outs.append(probs @ value[:, :e])  # [BH, e - i, E]
+    return torch.cat(outs, dim=1).view(b, h, n, -1)
 
 
 class TAPEPositionMLP(nn.Module):
@@ -92,8 +117,13 @@ class TAPELayer(PositionalLayer):
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
         if self.is_last:
             return attention(q, k, v, causal), cs
-        if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1]) == "one_call":
-            out, moved = attention(q, k, torch.cat((v, cs), dim=-1), causal).split(v.shape[-1], dim=-1)
+        if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1], q.shape[-2]) == "one_call":
+            value = torch.cat((v, cs), dim=-1)  # [B, H, N, 2D]
+            if causal and q.device.type == "cpu":
+                both = causal_attention_in_blocks(q, k, value)
+            else:
+                both = attention(q, k, value, causal)
+            out, moved = both.split(v.shape[-1], dim=-1)
         else:
             out = attention(q, k, v, causal)  # [B, H, N, D]
             moved = attention(q, k, cs, causal)  # A @ [c|s]: [B, H, N, 2F]
