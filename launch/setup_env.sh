@@ -19,11 +19,15 @@ fi
 # A torch that cannot use the GPU (a +cpu wheel from pip's configured indexes, a build newer than the driver) would
 # train on the CPU without a word: checked on every run, a stamp made on a CPU login node included.
 check_gpu() {
+  local gpus=""
   case "${TAPE_PRETRAIN_EXPECT_GPU:-}" in
     0) return 0 ;;
     1) ;;
-    *) [ -e /dev/nvidia0 ] || { command -v nvidia-smi >/dev/null 2>&1 && timeout 10 nvidia-smi -L 2>/dev/null \
-         | grep -q '^GPU '; } || return 0 ;;
+    "")
+      # the listing is captured first: grep -q closing the pipe early would be a SIGPIPE failure under pipefail
+      if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(timeout 10 nvidia-smi -L 2>/dev/null || true); fi
+      [ -e /dev/nvidia0 ] || grep -q '^GPU ' <<<"$gpus" || return 0 ;;
+    *) echo "setup_env: TAPE_PRETRAIN_EXPECT_GPU must be 0 or 1, not '$TAPE_PRETRAIN_EXPECT_GPU'" >&2; return 1 ;;
   esac
   "$VENV/bin/python" -m tape_pretrain.distributed.device_report --require-cuda
 }

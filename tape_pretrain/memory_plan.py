@@ -46,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 
 from tape_pretrain.config import ConfigError, ModelConfig
+from tape_pretrain.models.positional.tape import resolve_attention_form
 
 ENGINES = ("deepspeed", "fsdp2", "ddp")
 PRECISIONS = ("fp32", "bf16")
@@ -268,6 +269,10 @@ def layer_saved_bytes(model, layer: int, micro_batch_size: int, seq_len: int, dt
         if layer < c.num_layers - 1:  # the state update (skipped in the last layer)
             i = model.positional.position_size
             saved += 3 * s * e + lse  # A @ [c|s], its state copy in the head mix, the MLP output read by the update
+            if resolve_attention_form(c.positional.tape_attention, "cuda", d // h, n) == "one_call":
+                # one SDPA call saves the concatenated value [v|c|s] (v and [c|s] are not saved on their own) and
+                # one log-sum-exp: v's bytes once more, one lse less
+                saved += s * e - lse
             saved += s * t * (2 * i + h * i + h * h)  # x_proj, silu, the [B,N,H,I] product, the [B,N,H,H] mix
             saved += s * h  # gamma
     if name == "fire":

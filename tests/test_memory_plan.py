@@ -22,8 +22,10 @@ from tape_pretrain.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_config(name: str, **shape) -> ModelConfig:
-    return ModelConfig(preset=None, positional=PositionalConfig(name=name), **shape)
+def model_config(name: str, tape_attention: str = "two_calls", **shape) -> ModelConfig:
+    """Measured on the CPU: TAPE in two calls, each on SDPA's fused kernel as on a GPU (CPU's one-call form is a
+    blocked attention of its own, not what the plan models; the GPU's one call is checked in a test of its own)."""
+    return ModelConfig(preset=None, positional=PositionalConfig(name=name, tape_attention=tape_attention), **shape)
 
 
 @pytest.fixture
@@ -181,6 +183,20 @@ def test_what_each_zero_stage_shards():
     assert plan(engine="fsdp2", world_size=8, replicate_degree=2) == plan(engine="fsdp2", world_size=4)
     kept = plan(engine="fsdp2", world_size=4, reshard_after_forward=False)
     assert kept.transient_backward > plan(engine="fsdp2", world_size=4).transient_backward
+
+
+def test_tape_in_one_call_saves_the_joint_value_and_one_log_sum_exp():
+    """On CUDA auto makes TAPE's updating layers one SDPA call over [v|c|s]: per such layer it saves the 2D-wide
+    value instead of v (and [c|s], saved by the rotation anyway) and one fp32 log-sum-exp [B,H,N] instead of two."""
+    from tape_pretrain.memory_plan import layer_saved_bytes
+
+    shape = dict(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, ffn_hidden_size=160, max_seq_len=48)
+    with torch.device("meta"):
+        one, two = (build_model(model_config("tape", form, **shape)) for form in ("auto", "two_calls"))
+    b, n, s = 2, 48, 2
+    e, lse = b * n * 64, 4 * b * 4 * n
+    assert layer_saved_bytes(one, 0, b, n, s) - layer_saved_bytes(two, 0, b, n, s) == s * e - lse
+    assert layer_saved_bytes(one, 2, b, n, s) == layer_saved_bytes(two, 2, b, n, s)  # the last layer: one call
 
 
 def test_frozen_parameters_get_no_gradients_or_optimizer_state():

@@ -138,12 +138,17 @@ class GpuCheck:
         from tape_pretrain.distributed.engine import lm_loss
         from tape_pretrain.models import build_model
 
+        from tape_pretrain.models.positional.tape import resolve_attention_form
+
         o = self.options
         models = {}
-        for name in ("rope", "tape"):
-            torch.manual_seed(0)  # the same backbone weights for both
-            config = ModelConfig(preset=o.preset, max_seq_len=max(o.seq_lens), positional=PositionalConfig(name=name))
-            models[name] = build_model(config).to(device=self.device, dtype=self.dtype)  # as the engines compute
+        # TAPE in both attention forms: auto's choice on this device is checked by measurement, not assumed
+        for label, name, form in (("rope", "rope", "auto"), ("tape_one_call", "tape", "one_call"),
+                                  ("tape_two_calls", "tape", "two_calls")):
+            torch.manual_seed(0)  # the same backbone weights for all
+            config = ModelConfig(preset=o.preset, max_seq_len=max(o.seq_lens),
+                                 positional=PositionalConfig(name=name, tape_attention=form))
+            models[label] = build_model(config).to(device=self.device, dtype=self.dtype)  # as the engines compute
         vocab = models["rope"].config.vocab_size
         for n in o.seq_lens:
             tokens = torch.randint(0, vocab, (o.batch, n + 1), device=self.device,
@@ -156,15 +161,24 @@ class GpuCheck:
                     model.zero_grad(set_to_none=True)
                 return step
 
-            seconds = alternate({name: forward_backward(m) for name, m in models.items()}, warmup=2,
-                                repeats=o.repeats)
+            timed = alternate({name: forward_backward(m) for name, m in models.items()}, warmup=2,
+                              repeats=o.repeats)
+            config = models["rope"].config
+            auto = resolve_attention_form("auto", self.device.type, config.hidden_size // config.num_heads, n)
+            seconds = {"rope": timed["rope"], "tape": timed[f"tape_{auto}"]}  # tape: what auto runs
             self.timings[n] = seconds
-            self.flops_per_token[n] = {name: m.forward_flops_per_token(n) for name, m in models.items()}
+            self.flops_per_token[n] = {name: models[name if name == "rope" else f"tape_{auto}"]
+                                       .forward_flops_per_token(n) for name in seconds}
             ratio = seconds["tape"] / seconds["rope"]
             self.values[f"tape_over_rope_N{n}"] = ratio
+            for form in ("one_call", "two_calls"):
+                self.values[f"tape_{form}_over_rope_N{n}"] = timed[f"tape_{form}"] / timed["rope"]
             self.record(f"speed N={n}", "INFO",
                         f"forward+backward {o.preset} B={o.batch}: rope {seconds['rope'] * 1000:.1f} ms, "
-                        f"tape {seconds['tape'] * 1000:.1f} ms, tape/rope {ratio:.3f} (median of {o.repeats})")
+                        f"tape one call {timed['tape_one_call'] * 1000:.1f} ms "
+                        f"({timed['tape_one_call'] / timed['rope']:.3f}x), two calls "
+                        f"{timed['tape_two_calls'] * 1000:.1f} ms ({timed['tape_two_calls'] / timed['rope']:.3f}x); "
+                        f"auto runs {auto}: tape/rope {ratio:.3f} (median of {o.repeats})")
         del models
 
     def mfu(self) -> None:

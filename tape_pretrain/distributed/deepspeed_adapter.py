@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -51,11 +52,12 @@ def zero3_partitioned_init(ds_config: dict):
 
 
 @torch.no_grad()
-def set_partitioned_param(param, value: torch.Tensor) -> None:
-    """Set a ZeRO-3 partitioned parameter to a full value (gathered, set on rank 0, re-partitioned from rank 0)."""
+def set_partitioned_param(param, value: Callable[[], torch.Tensor]) -> None:
+    """Set a ZeRO-3 partitioned parameter to a full value (gathered, set on rank 0, re-partitioned from rank 0);
+    ``value`` is called on rank 0 only."""
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
         if torch.distributed.get_rank() == 0:
-            param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+            param.data.copy_(value().to(param.device, param.dtype).view_as(param.data))
 
 
 def zero3_consolidated_state_dict(engine) -> dict[str, torch.Tensor]:

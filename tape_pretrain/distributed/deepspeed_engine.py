@@ -88,7 +88,8 @@ class DeepSpeedEngine(Engine):
             with adapter.zero3_partitioned_init(ds_config):  # each rank keeps only its partition of each parameter
                 model = source.build(False)
             for name, param in model.named_parameters():  # one full parameter at a time
-                adapter.set_partitioned_param(param, source.initial_value(model, name, adapter.full_shape(param)))
+                adapter.set_partitioned_param(
+                    param, lambda n=name, p=param: source.initial_value(model, n, adapter.full_shape(p)))
             initial = {}
         else:
             model = source.build(True)

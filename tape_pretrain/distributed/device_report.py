@@ -267,6 +267,15 @@ def format_report(report: DeviceReport) -> str:
                              for k, v in call.eligible.items())
         lines.append(f"  {call.name:<13} q {list(call.q_shape)} v {list(call.v_shape)}: {call.backend}"
                      + (f" ({eligible})" if eligible else "") + f"  [{call.description}]")
+    if report.attention:
+        from tape_pretrain.models.positional.tape import resolve_attention_form
+
+        *_, n, d = report.attention[0].q_shape
+        device_type = "cuda" if s["device"] != "cpu" and "cpu" not in str(s["device"]).lower() else "cpu"
+        form = resolve_attention_form("auto", device_type, d, n)
+        where = " (on the CPU not SDPA: tape_pretrain's blocked causal attention)" if (
+            form == "one_call" and device_type == "cpu") else ""
+        lines.append(f"TAPE with tape_attention=auto uses {form} here{where}")
     return "\n".join(lines)
 
 
