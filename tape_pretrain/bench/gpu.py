@@ -137,7 +137,6 @@ class GpuCheck:
     def speed(self) -> None:
         from tape_pretrain.distributed.engine import lm_loss
         from tape_pretrain.models import build_model
-
         from tape_pretrain.models.positional.tape import resolve_attention_form
 
         o = self.options
