@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from tape_pretrain.config import set_dotted
+from tape_pretrain.train.metrics import training_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,9 +123,4 @@ def start_training(cmd: list[str], step_sleep: float) -> subprocess.Popen:
 
 def metrics(run_dir: Path) -> dict[int, dict]:
     """Last record per step of metrics.jsonl (training lines only)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record
-    return out
+    return training_records(run_dir)

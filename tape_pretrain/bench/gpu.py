@@ -13,7 +13,6 @@ Every size is a parameter, so the whole check also runs on a CPU at a tiny size 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from tape_pretrain.distributed.device_report import (
     model_dtype,
     sdpa_choice,
 )
+from tape_pretrain.train.metrics import training_records
 
 # Launcher variables of this process (a world of one after init_distributed) must not reach the training runs it
 # starts: they would try to join this process's group.
@@ -258,7 +258,7 @@ class GpuCheck:
         if self.device.type == "cuda" and device != "cuda":
             self.record("train_resume", "FAIL", "the training run did not use the GPU (see its preflight above)")
             return
-        a, b = _losses(full), _losses(resumed)
+        a, b = training_records(full), training_records(resumed)
         if sorted(a) != list(range(1, o.train_steps + 1)) or sorted(b) != sorted(a):
             self.record("train_resume", "FAIL", f"metrics.jsonl lacks steps: {sorted(a)} / {sorted(b)}")
             return
@@ -450,16 +450,6 @@ def _busy(device: torch.device) -> str:
     for _ in range(count):
         x = torch.tanh(x @ w)
     return f"{count} matmuls of {size}x{size}"
-
-
-def _losses(run_dir: Path) -> dict[int, dict]:
-    """The last record of every training step in RUN_DIR/metrics.jsonl."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record
-    return out
 
 
 def run(options: GpuCheckOptions) -> dict:

@@ -44,6 +44,16 @@ def float_hex(value: float) -> str:
     return struct.pack(">f", value).hex()
 
 
+def training_records(run_dir: Path) -> dict[int, dict]:
+    """The last training record (one with a loss) of every step in RUN_DIR/metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record
+    return out
+
+
 def _parse(line: str) -> dict | None:
     try:
         record = json.loads(line)
