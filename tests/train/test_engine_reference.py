@@ -210,6 +210,10 @@ def test_deepspeed_bf16_accumulates_and_reduces_in_fp32(tmp_path, dataset_path):
     ds = deepspeed_config(EngineSetup.from_run(config, env, grad_accum=4))
     assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
     assert ds["communication_data_type"] == "fp32"
+    assert "overlap_comm" not in ds["zero_optimization"]  # null on a CPU: DeepSpeed's own default
+    config.parallel.overlap_comm = False
+    zero = deepspeed_config(EngineSetup.from_run(config, env, grad_accum=4))["zero_optimization"]
+    assert zero["overlap_comm"] is False
     config.parallel.zero_stage = 0
     with pytest.raises(ConfigError, match="ZeRO-0 in bf16"):
         deepspeed_config(EngineSetup.from_run(config, env, grad_accum=4))

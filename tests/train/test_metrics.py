@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tape_pretrain.config import LoggingConfig
-from tape_pretrain.train.metrics import MetricsWriter
+from tape_pretrain.train.metrics import MetricsWriter, peak_flops_for
 
 
 def steps_in(path):
@@ -44,3 +44,14 @@ def test_empty_val_split_warns_once_at_start(tmp_path, corpus_dir, tokenizer_pat
     out = run(train_command(0, cfg)).stdout
     assert out.count("no val_loss will be logged") == 1
     assert out.index("no val_loss will be logged") < out.index("step 1/")
+
+
+@pytest.mark.parametrize("device_name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA B200", 2250), ("NVIDIA L40", 181),
+    ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("Some Unknown GPU", None),
+])
+def test_peak_flops_tell_apart_the_variants_of_one_gpu(device_name, tflops):
+    """MFU's denominator: the most specific name wins (an H100 PCIe is not an SXM part, an L40 not an L4)."""
+    peak = peak_flops_for(device_name)
+    assert (peak is None if tflops is None else peak == tflops * 1e12), (device_name, peak)
