@@ -220,10 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
     p.add_argument("--max-tokens", type=int, default=200_000, help="val tokens evaluated per length")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--passkey", action="store_true")
-    p.add_argument("--passkey-lengths", default=None)
-    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
-    p.add_argument("--passkey-trials", type=int, default=5)
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, as training), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on a CUDA device with bf16, else fp32), fp32 or bf16 (also on the CPU, slowly); "
+                        "logits are scored in fp32")
+    p.add_argument("--passkey", action="store_true",
+                   help="passkey retrieval in the LongLoRA / Landmark format, greedy, exact match")
+    p.add_argument("--passkey-lengths", default=None,
+                   help="prompt lengths in tokens (at most, within one filler sentence); default --lengths")
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="key positions, 0 (first) to 1 (last)")
+    p.add_argument("--passkey-trials", type=int, default=20,
+                   help="random keys per (length, depth) cell; reported with a Wilson 95%% interval")
     p.add_argument("--out", default=None, help="directory for eval.json, eval.md and plots")
     p.add_argument("--plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,12 @@ class PositionalConfig:
     """Draw a random global position offset k in [0, 2*max_seq_len] per training forward (TAPE)."""
     tape_attention: Literal["auto", "two_calls", "one_call"] = "auto"
     """How TAPE computes A v and A [c|s]: one attention call over [v|c|s], two calls, or the faster one per device."""
+    tape_attention_update: bool = True
+    """TAPE's attention-side update c, s += gamma_h (A c, A s); false (the paper's ablation) leaves the state unchanged
+    through attention and creates no gamma matrix (post_attention_linear)."""
+    tape_mlp_update: bool = True
+    """TAPE's MLP-side update c, s += M_n (c, s); false (the paper's ablation) leaves the state unchanged through the
+    MLP and creates no positional MLP (pe.x_proj, pe.up_proj, pe.down_proj). Both false is exactly RoPE."""
     xpos_scale_base: float = 2048.0
     """xPos decay scale s: q is scaled by zeta^(n/s), k by zeta^(-n/s)."""
     fire_mlp_width: int = 32
@@ -47,7 +53,14 @@ class PositionalConfig:
     fire_init_threshold: float = 512.0
     """FIRE's L~ = |lambda * this|, with lambda initialised to 1."""
     randrope_max_len: int | None = None
-    """RandPE draws positions from [0, randrope_max_len); None means 2 x model.max_seq_len."""
+    """RandPE draws training positions from [0, randrope_max_len); None means 2 x model.max_seq_len."""
+    randrope_eval: Literal["sample", "expected"] = "sample"
+    """RandPE in eval mode at length N, over [0, R), R = floor(N x randrope_max_len / model.max_seq_len) = 2N by
+    default (the training gap; 0..N-1 would halve every distance): sample (the official code's [0, 2N)): N sorted
+    distinct positions drawn per row (shared by every layer), seeded by randrope_eval_seed; expected: the evenly
+    spaced floor(i R / N), i.e. 2i by default, without a draw."""
+    randrope_eval_seed: int = 0
+    """Seed of RandPE's eval-mode draws: eval mode never touches the global RNG and is a function of its input."""
 
 
 @dataclass
@@ -156,6 +169,10 @@ class TrainerConfig:
     """Evaluate on the val split every this many steps (0 disables; the last step always evaluates)."""
     eval_batches: int = 4
     """Micro-batches per rank used for each evaluation."""
+    eval_length_multipliers: list[int] = field(default_factory=list)
+    """Also log val_loss@N at N = m x seq_len for each m: the val tokens of val_loss (eval_batches x micro_batch_size
+    windows of seq_len per rank) cut into windows of N (whole windows: all of them when m divides that count), in
+    micro-batches of micro_batch_size / m rows (at least 1). Empty: val_loss only."""
     log_interval: int = 10
     """Write a metrics line every this many steps."""
     stop_at_step: int | None = None
@@ -164,6 +181,11 @@ class TrainerConfig:
     """torch intra-op threads per process (fixed for bitwise reproducibility); None keeps torch's choice."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) for bitwise-reproducible runs."""
+    cudnn_attention: bool = False
+    """Let SDPA dispatch training attention to cuDNN's kernel on CUDA. Off by default: on an H200 (torch 2.11,
+    cuDNN 9.19) its backward gave gradients off by O(1) when d(out) was laid out unlike out, the layout the model
+    produced (models.positional.base.gradient_in_output_layout now aligns it); turn it on once
+    `tape-pretrain bench gpu`'s model_grads section passes with it on your stack."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU. bf16 also runs on CPU (slowly; the tests use it to check bf16 numerics)."""
     peak_flops: float | None = None
@@ -503,6 +525,14 @@ def validate(config: RunConfig) -> None:
                         ("checkpoint.keep_every", config.checkpoint.keep_every), ("seed", config.seed)):
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    windows = t.eval_batches * t.micro_batch_size  # val windows of seq_len per rank and evaluation
+    for m in t.eval_length_multipliers:
+        if m <= 0:
+            raise ConfigError(f"trainer.eval_length_multipliers must be positive integers, got {m}")
+        if windows and m > windows:
+            raise ConfigError(f"trainer.eval_length_multipliers: {m} x seq_len is longer than the {windows} windows "
+                              f"of seq_len each rank evaluates (trainer.eval_batches x micro_batch_size): raise "
+                              f"trainer.eval_batches to at least {-(-m // t.micro_batch_size)}")
     o = config.optim
     if not o.lr > 0:
         raise ConfigError(f"optim.lr must be positive, got {o.lr}")

@@ -46,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 
 from tape_pretrain.config import ConfigError, ModelConfig
+from tape_pretrain.models.positional.blocked_bias import block_plan
 from tape_pretrain.models.positional.tape import resolve_attention_form
 
 ENGINES = ("deepspeed", "fsdp2", "ddp")
@@ -275,15 +276,22 @@ def layer_saved_bytes(model, layer: int, micro_batch_size: int, seq_len: int, dt
                 saved += s * e - lse
             saved += s * t * (2 * i + h * i + h * h)  # x_proj, silu, the [B,N,H,I] product, the [B,N,H,H] mix
             saved += s * h  # gamma
-    if name == "fire":
-        width = c.positional.fire_mlp_width
-        saved += s * h * n * n  # the layer's [1,H,N,N] bias, saved by SDPA as its mask
-        saved += 4 * n * n * width + 5 * 4 * n * n  # the bias MLP's hidden layer and the fp32 [N,N] psi terms
+    if name in ("alibi", "fire"):  # attention with the bias built per block of queries (blocked_bias)
+        positional = model.layers[layer].positional
+        pair_bytes = (positional.bias_bytes_per_pair(h, s) if name == "alibi"
+                      else positional.bias_bytes_per_pair(h, s, max(4, s)))
+        _, recompute = block_plan(b, h, n, True, pair_bytes, "cuda", grad=True)
+        if recompute:  # the blocks keep their q, k, v slices (saved above) and rebuild the rest in the backward
+            saved -= lse
+        else:
+            saved += s * h * n * n  # the layer's [1,H,N,N] bias, saved by SDPA as its mask
+            if name == "fire":  # the bias MLP's hidden layer and the fp32 [N,N] psi terms
+                saved += 4 * n * n * c.positional.fire_mlp_width + 5 * 4 * n * n
     return saved
 
 
 def shared_state_bytes(model, micro_batch_size: int, seq_len: int, dtype_bytes: int) -> int:
-    """Saved positional tensors shared by every layer: rotary tables, ALiBi's bias."""
+    """Saved positional tensors shared by every layer: rotary tables."""
     c = model.config
     n, s, head_dim = seq_len, dtype_bytes, c.hidden_size // c.num_heads
     name = c.positional.name
@@ -293,6 +301,4 @@ def shared_state_bytes(model, micro_batch_size: int, seq_len: int, dtype_bytes: 
         return 2 * micro_batch_size * n * (head_dim // 2) * s  # per-row positions: [B,1,N,F]
     if name == "xpos":
         return 4 * n * (head_dim // 2) * s
-    if name == "alibi":
-        return c.num_heads * n * n * s  # [1,H,N,N]
-    return 0  # tape's state is counted per layer; fire's bias too; nope has none
+    return 0  # tape's state is counted per layer; ALiBi's and FIRE's biases too; nope has none

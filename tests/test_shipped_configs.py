@@ -35,4 +35,5 @@ def test_study_configs_give_valid_run_configs(path, tmp_path):
         config = run_config(spec, run, tmp_path, "s3://bucket/data", vocab_size=32000)
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
         loaded = load_config(tmp_path / "run.yaml")
-        assert loaded.model.positional.name == run["encoding"]
+        for key, value in spec.positional(run["encoding"]).items():  # an encoding or a variant's fields
+            assert getattr(loaded.model.positional, key) == value, (run["name"], key)

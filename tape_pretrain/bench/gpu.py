@@ -13,6 +13,7 @@ Every size is a parameter, so the whole check also runs on a CPU at a tiny size 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from tape_pretrain.distributed.device_report import (
     model_dtype,
     sdpa_choice,
 )
+from tape_pretrain.models.positional.base import allow_cudnn_attention
 from tape_pretrain.train.metrics import training_records
 
 # Launcher variables of this process (a world of one after init_distributed) must not reach the training runs it
@@ -233,6 +235,72 @@ class GpuCheck:
             self.record("sdpa", "PASS", f"every backend within tolerance of the math kernel at N="
                                         f"{','.join(map(str, o.seq_lens))} ({calls_used})")
 
+    def model_grads(self) -> None:
+        """Parameter gradients of one forward+backward under the default attention dispatch, in the engines'
+        compute dtype, against the same model in fp32 on the math kernel: a wrong fused kernel (or a wrong call of
+        one) shows here as it would in training, whatever its unit-level result."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from tape_pretrain.distributed.engine import lm_loss
+        from tape_pretrain.models import build_model
+
+        o = self.options
+        n, batch = o.seq_lens[0], max(1, o.batch // 2)
+        low_precision = self.dtype != torch.float32
+        # bf16 activations give per-tensor relative L2 errors of about 1e-2; a broken kernel gives O(1)
+        tolerance = 5e-2 if low_precision else 1e-4
+        failures, worst_seen = [], {}
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        # as the trainer dispatches by default (cuDNN's kernel off), and on CUDA with trainer.cudnn_attention on
+        dispatches = [False, True] if self.device.type == "cuda" else [False]
+        try:
+            for name, cudnn in itertools.product(("rope", "tape", "nope", "alibi", "fire", "xpos", "randrope"),
+                                                 dispatches):
+                allow_cudnn_attention(cudnn)
+                label = f"{name}+cudnn" if cudnn else name
+                torch.manual_seed(0)
+                config = ModelConfig(preset=o.preset, max_seq_len=n, positional=PositionalConfig(name=name))
+                model = build_model(config).to(self.device).eval()  # eval: RandPE's positions do not resample
+                tokens = torch.randint(0, model.config.vocab_size, (batch, n + 1), device=self.device,
+                                       generator=torch.Generator(self.device).manual_seed(n))
+                grads = {}
+                for run_label, dtype, backends in (("reference", torch.float32, [SDPBackend.MATH]),
+                                                   ("default", self.dtype, None)):
+                    model.to(dtype).zero_grad(set_to_none=True)
+                    if backends is None:
+                        lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+                    else:
+                        with sdpa_kernel(backends):
+                            lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+                    # (the fp32 reference runs first: the cast to the compute dtype rounds the weights, as an
+                    # engine's compute copy of its fp32 masters is rounded)
+                    grads[run_label] = {k: p.grad.float() for k, p in model.named_parameters() if p.grad is not None}
+                ref = grads["reference"]
+                errors = {k: ((grads["default"][k] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                          for k, g in ref.items()}
+                norm_ratio = (torch.stack([grads["default"][k].norm() for k in ref]).norm()
+                              / torch.stack([g.norm() for g in ref.values()]).norm()).item()
+                worst = max(errors, key=errors.get)
+                worst_seen[label] = errors[worst]
+                ok = errors[worst] <= tolerance and abs(norm_ratio - 1) <= tolerance
+                print(f"  {label:<14} grad norm ratio {norm_ratio:.4f}, worst relative L2 error {errors[worst]:.1e} "
+                      f"({worst}){'' if ok else ' (too large)'}", flush=True)
+                if not ok:
+                    failures.append(f"{label} ({worst}: {errors[worst]:.1e}, norm ratio {norm_ratio:.3f})")
+                del model, grads, ref
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            allow_cudnn_attention(False)
+        self.values.update({f"grad_error_{label.replace('+', '_')}": round(err, 5)
+                            for label, err in worst_seen.items()})
+        where = f"{o.preset} N={n} B={batch}, {str(self.dtype).removeprefix('torch.')} default dispatch"
+        if failures:
+            self.record("model_grads", "FAIL", f"{where} vs fp32 math: {'; '.join(failures)}")
+        else:
+            self.record("model_grads", "PASS", f"{where}: every encoding's parameter gradients within "
+                                               f"{tolerance:.0e} (relative L2 per tensor) of fp32 math")
+
     def train_resume(self) -> None:
         o = self.options
         data = o.data or self._prepare_data()
@@ -421,10 +489,12 @@ class GpuCheck:
 
     def run(self) -> dict:
         print(f"bench gpu: {self.options} on {self.device}, work directory {self.work}", flush=True)
+        allow_cudnn_attention(False)  # time and check what the trainer runs by default (trainer.cudnn_attention)
         if self.run_section("environment", self.environment):
             self.run_section("speed", self.speed)
             self.run_section("mfu", self.mfu)
             self.run_section("sdpa", self.sdpa)
+            self.run_section("model_grads", self.model_grads)
             self.run_section("train_resume", self.train_resume)
             self.run_section("async_save", self.async_save)
         failed = [x for x in self.outcomes if x.status == "FAIL"]

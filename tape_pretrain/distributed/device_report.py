@@ -292,7 +292,9 @@ def _run(backend: SDPBackend, q, k, v, grad_out):
     with warnings.catch_warnings(), sdpa_kernel([backend]):
         warnings.simplefilter("ignore")  # "... not used because ..." for every backend that declines
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        # d(out) in out's own memory layout, as the model hands it (models.positional.base.attention): a kernel
+        # is judged on the calls it really gets
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(grad_out))
     return out, grads
 
 

@@ -1,19 +1,30 @@
-"""Passkey retrieval: a 5-digit key hidden at a chosen depth of filler text, then asked for; greedy decoding.
+"""Passkey retrieval in the LongLoRA / Landmark-attention format: greedy decoding, exact-match scoring, and a
+Wilson interval per cell.
 
-Decoding recomputes the full prefix for each new token (no cache): exact for every encoding, TAPE included,
-and cheap for the handful of tokens a key needs.
+A prompt is the task description, whole filler sentences with the key sentence inserted between two of them,
+and the question. Each sentence is tokenized on its own (SentencePiece's dummy prefix is the space that joins
+them), so a prompt's length is counted exactly: a cell of length L holds prompts of at most L tokens, within one
+filler sentence of L. Decoding recomputes the full prefix for each new token (no cache): exact for every
+encoding, TAPE included, and cheap for the handful of tokens a key needs.
 """
 
 from __future__ import annotations
 
+import math
 import random
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
-QUESTION = " What is the pass key? The pass key is"
+DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+               "I will quiz you about the important information there.")
+FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+QUESTION = "What is the pass key? The pass key is"
+
+
+def key_sentence(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
 @dataclass
@@ -23,48 +34,132 @@ class PasskeyPrompt:
     depth: float
     key_position: int
     """Token index where the key sentence starts."""
+    num_filler: int
+    """Filler sentences in the prompt."""
+    key_after: int
+    """Filler sentences before the key sentence: round(depth * num_filler)."""
 
 
 def make_prompt(tokenizer, length: int, depth: float, rng: random.Random) -> PasskeyPrompt:
-    """A prompt of about ``length`` tokens with the key sentence at ``depth`` (0 = start, 1 = end) of the filler."""
-    key = f"{rng.randrange(10000, 100000)}"
-    sentence = tokenizer.processor.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-    question = tokenizer.processor.encode(QUESTION)
-    unit = tokenizer.processor.encode(FILLER)
-    budget = max(length - len(sentence) - len(question), 0)
-    filler = (unit * (budget // len(unit) + 1))[:budget]
-    split = int(round(depth * len(filler)))
-    ids = filler[:split] + sentence + filler[split:] + question
-    return PasskeyPrompt(ids, key, depth, split)
+    """A prompt of at most ``length`` tokens and as many whole filler sentences as fit (so within one filler
+    sentence of ``length``), with a random 5-digit key whose sentence follows round(depth x filler sentences) of
+    them (Python's round, half to even): depth 0 puts it right after the task description, 1 right before the
+    question."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey depth {depth:g} must be in [0, 1]")
+    key = str(rng.randrange(10000, 100000))
+    encode = tokenizer.processor.encode
+    head, sentence, question = encode(DESCRIPTION), encode(key_sentence(key)), encode(QUESTION)
+    filler = [encode(text) for text in FILLER]
+    used = len(head) + len(sentence) + len(question)
+    if used > length:
+        raise ValueError(f"passkey length {length} is too short: the task description, key sentence and question "
+                         f"alone take {used} tokens")
+    chosen: list[list[int]] = []
+    while used + len(filler[len(chosen) % len(filler)]) <= length:
+        chosen.append(filler[len(chosen) % len(filler)])
+        used += len(chosen[-1])
+    split = round(depth * len(chosen))
+    before = [t for piece in chosen[:split] for t in piece]
+    after = [t for piece in chosen[split:] for t in piece]
+    ids = head + before + sentence + after + question
+    return PasskeyPrompt(ids, key, depth, len(head) + len(before), len(chosen), split)
 
 
-def score(generated_text: str, key: str) -> bool:
-    """Correct exactly when the first run of digits in the answer is the key."""
-    match = re.search(r"\d+", generated_text)
-    return match is not None and match.group(0) == key
+def score(answer: str, key: str) -> bool:
+    """Exact match: the answer, leading whitespace removed, starts with the key's digits and no digit follows them.
+
+    ' 68431.', '68431' and '68431 is the pass key' are correct for 68431; ' 6843', ' 684310', ' 12345' and
+    ' it is 68431' are not."""
+    text = answer.lstrip()
+    return text.startswith(key) and not text[len(key):len(key) + 1].isdigit()
+
+
+def settled(answer: str, key: str) -> bool:
+    """Whether more text could no longer change ``score``: the answer has left the key's digits, or gone past them."""
+    text = answer.lstrip()
+    return bool(text) and not key.startswith(text)
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int], max_new_tokens: int, device) -> list[int]:
-    tokens = torch.tensor([ids], device=device)
-    out = []
-    for _ in range(max_new_tokens):
-        next_id = int(model(tokens)[0, -1].argmax())
+def greedy_answer(model, tokenizer, prompt: PasskeyPrompt, device) -> str:
+    """The model's greedy continuation of the prompt: a few tokens more than the key takes, fewer once the score is
+    settled or at EOS."""
+    eos = tokenizer.processor.eos_id()
+    tokens = torch.tensor([prompt.ids], device=device)
+    out: list[int] = []
+    for _ in range(len(tokenizer.processor.encode(f"{prompt.key}.")) + 2):
+        next_id = int(model(tokens)[0, -1].float().argmax())
+        if next_id == eos:
+            break
         out.append(next_id)
-        tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
-    return out
+        if settled(tokenizer.decode(out), prompt.key):
+            break
+        tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
+    return tokenizer.decode(out)
 
 
-def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
-                     device="cpu") -> dict[tuple[int, float], float]:
-    rng = random.Random(seed)
-    results = {}
-    for length in lengths:
-        for depth in depths:
-            correct = 0
-            for _ in range(trials):
-                prompt = make_prompt(tokenizer, length, depth, rng)
-                answer = tokenizer.decode(greedy(model, prompt.ids, 8, device))
-                correct += score(answer, prompt.key)
-            results[(length, depth)] = correct / trials
-    return results
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (z = 1.96: 95 %). Unlike p +- z sqrt(p(1-p)/n) it stays in
+    [0, 1] and is not empty at 0 or n successes: 0/20 gives [0, 0.161], 20/20 [0.839, 1]."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= trials, trials > 0 (got {successes}/{trials})")
+    p = successes / trials
+    z2n = z * z / trials
+    center = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass
+class PasskeyCell:
+    """The trials of one (length, depth) cell."""
+
+    length: int
+    depth: float
+    trials: int
+    correct: int
+    min_prompt_tokens: int
+    max_prompt_tokens: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.trials
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """Wilson 95 % score interval of the accuracy."""
+        return wilson_interval(self.correct, self.trials)
+
+
+def evaluate_passkey(answer: Callable[[PasskeyPrompt], str], tokenizer, lengths: list[int], depths: list[float],
+                     trials: int = 20, seed: int = 0) -> dict[tuple[int, float], PasskeyCell]:
+    """Every (length, depth) cell: ``trials`` prompts, each answered by ``answer(prompt) -> text`` and scored.
+
+    A cell's keys come from a generator seeded by (seed, length, depth), so they do not depend on the other cells
+    asked for. Every prompt is built before the first answer: a length too short fails at once."""
+    if trials <= 0:
+        raise ValueError(f"passkey trials {trials} must be positive")
+    prompts = {}
+    for n in lengths:
+        for d in depths:
+            rng = random.Random(f"{seed}/{n}/{float(d)!r}")  # a str seed hashes the same in every process
+            prompts[(n, d)] = [make_prompt(tokenizer, n, d, rng) for _ in range(trials)]
+    cells = {}
+    for (n, d), cell_prompts in prompts.items():
+        correct = sum(score(answer(prompt), prompt.key) for prompt in cell_prompts)
+        sizes = [len(prompt.ids) for prompt in cell_prompts]
+        cells[(n, d)] = PasskeyCell(n, d, trials, correct, min(sizes), max(sizes))
+    return cells
+
+
+def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 20, seed: int = 0,
+                     device="auto", dtype="auto") -> dict[tuple[int, float], PasskeyCell]:
+    """``evaluate_passkey`` with the model's greedy answers, the model moved to ``device`` in ``dtype`` (see
+    ``eval_placement``)."""
+    from tape_pretrain.eval.perplexity import eval_placement
+
+    device, dtype = eval_placement(device, dtype)
+    model.to(device=device, dtype=dtype)
+    return evaluate_passkey(lambda prompt: greedy_answer(model, tokenizer, prompt, device), tokenizer, lengths,
+                            depths, trials, seed)

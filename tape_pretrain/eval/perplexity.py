@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tape_pretrain.config import ConfigError
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import TokenWindows
 from tape_pretrain.data.manifest import load_manifest
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def eval_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when torch can use it, else the CPU: as training chooses), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from tape_pretrain.distributed.device_report import torch_build
+
+            raise ConfigError(f"--device {name}: {torch_build()} cannot use CUDA here (torch.cuda.is_available() is "
+                              "False): use --device cpu, or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def eval_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` (bf16 on a CUDA device with native bf16, else fp32), ``fp32`` or ``bf16``. bf16 also runs on the
+    CPU, as ``trainer.precision`` does (slowly; it reproduces a bf16 model's numbers on a machine without a GPU)."""
+    if name == "auto":
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: use auto, fp32 or bf16")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'fp32', 'bf16', or torch's name of another dtype."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+def eval_placement(device="auto", dtype="auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a model is evaluated; names as ``eval_device``/``eval_dtype`` take them, or torch's.
+    The weights are cast (as the engines' bf16 does); logits are scored in fp32 whatever the dtype."""
+    device = eval_device(device) if isinstance(device, str) else torch.device(device)
+    dtype = eval_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    return device, dtype
 
 
 @torch.no_grad()
@@ -21,7 +67,8 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
     Without a stride the windows do not overlap and every token is scored. With a stride S < length, windows
     start every S tokens and only their last S tokens are scored (the first window scores all), so each token is
     predicted once, with at least length - S tokens of context. Under several ranks each takes every
-    world_size-th window and the sums are all-reduced.
+    world_size-th window and the sums are all-reduced. The loss is computed from fp32 logits whatever the
+    model's dtype; ``device`` is the model's.
     """
     length = windows.window_len
     stride = stride or length
@@ -52,12 +99,17 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
 
 
 def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, max_tokens: int, batch_size: int,
-                     device="cpu", storage_options=None, stride: int | None = None, rank: int = 0,
-                     world_size: int = 1) -> dict[int, dict]:
+                     device="auto", storage_options=None, stride: int | None = None, rank: int = 0,
+                     world_size: int = 1, dtype="auto") -> dict[int, dict]:
+    """``perplexity`` at each length on the val split, the model moved to ``device`` in ``dtype`` (see
+    ``eval_placement``; the defaults pick what training would)."""
+    device, dtype = eval_placement(device, dtype)
+    model.to(device=device, dtype=dtype)
+    placement = {"device": str(device), "dtype": dtype_name(dtype)}
     manifest, fp = load_manifest(data_url, storage_options)
     split = cache_split(data_url, manifest, fp, "val", cache_dir, storage_options)
     # every length's windows first: a length the split cannot hold fails before any evaluation runs
     windows = {n: TokenWindows(split, manifest.dtype, n, where=f"{data_url}: the val split") for n in lengths}
     return {n: perplexity(model, w, max_tokens, batch_size, device, stride=min(stride, n) if stride else None,
-                          rank=rank, world_size=world_size)
+                          rank=rank, world_size=world_size) | placement
             for n, w in windows.items()}

@@ -1,4 +1,5 @@
-"""`tape-pretrain eval`: perplexity at several lengths of an export, as JSON, a markdown table and a plot."""
+"""`tape-pretrain eval`: perplexity at several lengths of an export, and passkey retrieval, as JSON, markdown
+tables and plots."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tape_pretrain.config import ConfigError
-from tape_pretrain.eval.perplexity import evaluate_lengths
+from tape_pretrain.eval.perplexity import eval_device, eval_dtype, evaluate_lengths
 from tape_pretrain.train.export import load_export_model
 
 
@@ -33,21 +34,26 @@ def _evaluate(args) -> dict:
         raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers") from None
     if not lengths or min(lengths) <= 0:
         raise ConfigError(f"--lengths {args.lengths!r} must be positive integers")
+    passkey = passkey_plan(args, export, lengths) if args.passkey else None  # its errors before any evaluation
     import os
 
+    device = eval_device(args.device)
+    dtype = eval_dtype(args.dtype, device)
     env = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank scores a share of the windows
         from tape_pretrain.distributed.env import init_distributed
 
+        if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
+            raise ConfigError(f"--device {args.device}: under torchrun eval runs where training does (on CUDA "
+                              "here): drop --device, or run without torchrun")
         env = init_distributed()
-    device, rank, world = ((env.device, env.rank, env.world_size) if env is not None else
-                           (torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1))
-    model = load_export_model(str(export)).to(device)
+    device, rank, world = (env.device, env.rank, env.world_size) if env is not None else (device, 0, 1)
+    model = load_export_model(str(export)).to(device=device, dtype=dtype)
     check_tokenizer(export, args.data, model.config.vocab_size, args.allow_tokenizer_mismatch)
     try:
         results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
                                    args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
-                                   world_size=world)
+                                   world_size=world, dtype=dtype)
     finally:
         if env is not None:
             from tape_pretrain.distributed.env import shutdown
@@ -62,8 +68,8 @@ def _evaluate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     (out / "eval.md").write_text("\n".join(table) + "\n")
-    if args.passkey:
-        passkey_report(model, export, args, out, lengths, device)
+    if passkey is not None:
+        passkey_report(model, *passkey, args, out, device, dtype)
     if args.plot:
         import matplotlib
 
@@ -106,27 +112,67 @@ def check_tokenizer(export: Path, data: str, model_vocab: int, allow_mismatch: b
         print(f"warning: {data} was tokenized with another tokenizer than the model's (--allow-tokenizer-mismatch)")
 
 
-def passkey_report(model, export: Path, args, out: Path, lengths: list[int], device) -> None:
-    from tape_pretrain.data.tokenizer import Tokenizer
-    from tape_pretrain.eval.passkey import passkey_accuracy
+def passkey_plan(args, export: Path, lengths: list[int]):
+    """The tokenizer, lengths and depths of the passkey cells, checked before any evaluation runs."""
+    import random
 
+    from tape_pretrain.data.tokenizer import Tokenizer
+    from tape_pretrain.eval.passkey import make_prompt
+
+    try:
+        passkey_lengths = ([int(x) for x in args.passkey_lengths.split(",") if x] if args.passkey_lengths
+                           else lengths)
+    except ValueError:
+        raise ConfigError(f"--passkey-lengths {args.passkey_lengths!r} must be comma-separated integers") from None
+    try:
+        depths = [float(x) for x in args.passkey_depths.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--passkey-depths {args.passkey_depths!r} must be comma-separated numbers") from None
+    if not passkey_lengths or not depths or not all(0 <= d <= 1 for d in depths):
+        raise ConfigError(f"--passkey-lengths {args.passkey_lengths!r} and --passkey-depths {args.passkey_depths!r}: "
+                          "give at least one length, and depths in [0, 1]")
+    if args.passkey_trials <= 0:
+        raise ConfigError(f"--passkey-trials {args.passkey_trials} must be positive")
     tokenizer = Tokenizer.load(str(export / "tokenizer.model"))
-    passkey_lengths = [int(x) for x in args.passkey_lengths.split(",")] if args.passkey_lengths else lengths
-    depths = [float(x) for x in args.passkey_depths.split(",")]
-    accuracy = passkey_accuracy(model, tokenizer, passkey_lengths, depths, args.passkey_trials, args.seed, device)
+    try:
+        make_prompt(tokenizer, min(passkey_lengths), 0.0, random.Random(0))
+    except ValueError as exc:
+        raise ConfigError(f"--passkey-lengths: {exc}") from None
+    return tokenizer, passkey_lengths, depths
+
+
+def passkey_report(model, tokenizer, passkey_lengths: list[int], depths: list[float], args, out: Path, device,
+                   dtype) -> None:
+    """Passkey accuracy per (length, depth) with its Wilson 95 % interval: a table, passkey.json and a heatmap."""
+    from tape_pretrain.eval.passkey import passkey_accuracy
+    from tape_pretrain.eval.perplexity import dtype_name
+
+    try:
+        cells = passkey_accuracy(model, tokenizer, passkey_lengths, depths, args.passkey_trials, args.seed, device,
+                                 dtype)
+    except ValueError as exc:  # a key whose sentence takes more tokens than the one checked in passkey_plan
+        raise ConfigError(f"--passkey-lengths: {exc}") from None
+    caption = (f"passkey accuracy [Wilson 95% interval], {args.passkey_trials} trials per cell; prompts of at most "
+               "`length` tokens")
     header = "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
-    rows = [header, "|---:|" + "---:|" * len(depths)]
-    rows += [f"| {n} | " + " | ".join(f"{accuracy[(n, d)]:.2f}" for d in depths) + " |" for n in passkey_lengths]
+    rows = [caption, "", header, "|---:|" + "---:|" * len(depths)]
+    for n in passkey_lengths:
+        texts = [f"{c.accuracy:.2f} [{c.interval[0]:.2f}, {c.interval[1]:.2f}]"
+                 for c in (cells[(n, d)] for d in depths)]
+        rows.append(f"| {n} | " + " | ".join(texts) + " |")
     print("\n".join(rows))
     (out / "passkey.md").write_text("\n".join(rows) + "\n")
-    (out / "passkey.json").write_text(json.dumps([{"length": n, "depth": d, "accuracy": a}
-                                                  for (n, d), a in accuracy.items()], indent=1))
+    placement = {"device": str(device), "dtype": dtype_name(dtype)}
+    (out / "passkey.json").write_text(json.dumps(
+        [{"length": c.length, "depth": c.depth, "trials": c.trials, "correct": c.correct, "accuracy": c.accuracy,
+          "ci95": list(c.interval), "min_prompt_tokens": c.min_prompt_tokens,
+          "max_prompt_tokens": c.max_prompt_tokens} | placement for c in cells.values()], indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [[accuracy[(n, d)] for n in passkey_lengths] for d in depths]
+    grid = [[cells[(n, d)].accuracy for n in passkey_lengths] for d in depths]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
     ax.set_xticks(range(len(passkey_lengths)), [str(n) for n in passkey_lengths])

@@ -1,4 +1,5 @@
-"""RESULTS.md and plots of a study: one table, loss vs tokens, perplexity vs length, loss vs parameters."""
+"""RESULTS.md and plots of a study: every run (tokens, FLOPs, training time), mean ± sd over seeds, the paired
+difference to a baseline encoding with a t-interval, loss vs parameters (a power-law fit from four sizes on)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,169 @@ from pathlib import Path
 import numpy as np
 
 from tape_pretrain.study.spec import StudySpec
+from tape_pretrain.study.stats import MIN_SIZES_FOR_FIT, fit_power_law, mean_sd, paired_difference
+
+RUN_RECORD = "study_run.json"
+"""Written into a run directory when the study launches the run: config hash, resolved config, budget."""
+EVAL_RECORD = "eval.json"
+"""The study's evaluation of a finished run (its settings and perplexity per length); marks the run finished."""
 
 
-def _collect(spec: StudySpec, root: Path) -> list[dict]:
-    from tape_pretrain.train.export import load_export_model
+def training_seconds(records: list[dict]) -> float:
+    """Training wall time as the run recorded it: the sum over logged windows of tokens / tokens_per_s (the trainer
+    leaves start-up, evaluation, checkpoints and export out of these windows)."""
+    total, previous = 0.0, 0
+    for record in records:
+        if record.get("tokens_per_s"):
+            total += (record["tokens"] - previous) / record["tokens_per_s"]
+        previous = record["tokens"]
+    return total
+
+
+def collect(spec: StudySpec, root: Path) -> list[dict]:
+    """One row per finished run: its budget (from study_run.json), losses (metrics.jsonl) and perplexities."""
+    from tape_pretrain.train.metrics import training_records
 
     rows = []
     for run in spec.runs():
         run_dir = root / "runs" / run["name"]
-        if not (run_dir / "eval.json").exists():
+        if not (run_dir / EVAL_RECORD).exists() or not (run_dir / RUN_RECORD).exists():
             continue
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in records if "loss" in r]
-        val = [r for r in records if "val_loss" in r]
-        model = load_export_model(str(run_dir / "export"))
-        timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
+        budget = json.loads((run_dir / RUN_RECORD).read_text())["budget"]
+        records = [r for _, r in sorted(training_records(run_dir).items())]
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        val = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
+        last = records[-spec.final_loss_window:]
+        evaluation = json.loads((run_dir / EVAL_RECORD).read_text())["results"]
         rows.append({
             "name": run["name"], "encoding": run["encoding"], "size": run["size"].name, "seed": run["seed"],
-            "parameters": model.num_parameters(), "tokens": train[-1]["tokens"], "train_loss": train[-1]["loss"],
-            "val_loss": val[-1]["val_loss"] if val else float("nan"),
-            "curve": [(r["tokens"], r["loss"]) for r in train],
-            "perplexity": {int(k): v["perplexity"] for k, v in json.loads((run_dir / "eval.json").read_text()).items()},
-            "train_seconds": timing.get("train_seconds", float("nan")),
+            **budget,
+            "train_loss": sum(r["loss"] for r in last) / len(last) if last else math.nan,
+            "val_loss": val[-1] if val else math.nan,
+            "curve": [(r["tokens"], r["loss"]) for r in records],
+            "perplexity": {int(k): v["perplexity"] for k, v in evaluation.items()},
+            "train_seconds": training_seconds(records),
         })
     return rows
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, object]]:
+    """(header, key) of the per-cell metrics: final train loss, val loss, perplexity at each length."""
+    lengths = sorted({n for r in rows for n in r["perplexity"]})
+    return [("train loss", "train_loss"), ("val loss", "val_loss")] + [(f"ppl@{n}", n) for n in lengths]
+
+
+def _value(row: dict, key) -> float:
+    return row[key] if isinstance(key, str) else row["perplexity"].get(key, math.nan)
+
+
+def _fmt(value: float, key) -> str:
+    return f"{value:.4f}" if isinstance(key, str) else f"{value:.2f}"
+
+
+def _table(header: list[str], body: list[list[str]], left: int) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)] + [
+        "| " + " | ".join(cells) + " |" for cells in body]
+
+
+def _cells(spec: StudySpec, rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(encoding, size, its runs) in the study's order, for the cells with at least one finished run."""
+    out = []
+    for encoding in spec.encodings:
+        for size in spec.sizes:
+            mine = [r for r in rows if r["encoding"] == encoding and r["size"] == size.name]
+            if mine:
+                out.append((encoding, size.name, mine))
+    return out
+
+
+def render_results(spec: StudySpec, rows: list[dict]) -> str:
+    """RESULTS.md for ``rows`` (as collect() returns them); a pure function of its inputs."""
+    columns = _columns(rows)
+    budget = (f"every encoding of a size trains on the same tokens, {spec.tokens_per_parameter:g} x the size's "
+              "backbone parameters (its RoPE model, embeddings included, positional weights not)"
+              if spec.budget == "tokens" else
+              "every encoding of a size gets the training FLOPs of that size's RoPE run, whose tokens are "
+              f"{spec.tokens_per_parameter:g} x the backbone parameters (steps rounded to whole steps)")
+    lines = [f"# {spec.name}", "", f"{len(rows)} of {len(spec.runs())} runs finished. Budget ({spec.budget}): "
+             f"{budget}. Train FLOPs = 3 x forward FLOPs per token x tokens.",
+             f"Train loss: mean of the last {spec.final_loss_window} logged training losses. Val loss: the "
+             "trainer's evaluation at the last step. Train time: the training wall time the run recorded in its "
+             "metrics.jsonl (start-up, evaluation, checkpoints and export excluded).", "", "## Runs", ""]
+    header = ["run", "encoding", "size", "seed", "params", "positional params", "steps", "tokens", "train FLOPs"]
+    body = [[r["name"], r["encoding"], r["size"], str(r["seed"]), f"{r['parameters']:,}",
+             f"{r['positional_parameters']:,}", f"{r['steps']:,}", f"{r['tokens']:,}", f"{r['flops']:.3g}"]
+            + [_fmt(_value(r, key), key) for _, key in columns] + [f"{r['train_seconds']:.0f}s"] for r in rows]
+    lines += _table(header + [h for h, _ in columns] + ["train time"], body, left=3)
+
+    lines += ["", "## Mean ± sd over seeds", "", "Sample standard deviation (n - 1); n = the seeds finished.", ""]
+    body = []
+    for encoding, size, mine in _cells(spec, rows):
+        cells = []
+        for _, key in columns:
+            mean, sd = mean_sd([_value(r, key) for r in mine])
+            cells.append(f"{_fmt(mean, key)} ± {_fmt(sd, key)}" if len(mine) > 1 else f"{_fmt(mean, key)} (n=1)")
+        body.append([encoding, size, str(len(mine))] + cells)
+    lines += _table(["encoding", "size", "n"] + [h for h, _ in columns], body, left=2)
+
+    if spec.baseline is not None:
+        lines += ["", f"## Difference to {spec.baseline}", "",
+                  f"Per seed: encoding - {spec.baseline} on the same seed; the mean over seeds and its 95% "
+                  "t-interval (n - 1 degrees of freedom). Negative is better for every column.", ""]
+        body = []
+        for encoding, size, mine in _cells(spec, rows):
+            if encoding == spec.baseline:
+                continue
+            base = [r for r in rows if r["encoding"] == spec.baseline and r["size"] == size]
+            cells, n = [], 0
+            for _, key in columns:
+                diff = paired_difference({r["seed"]: _value(r, key) for r in mine},
+                                         {r["seed"]: _value(r, key) for r in base})
+                if diff is None:
+                    cells.append("-")
+                    continue
+                n = max(n, diff.n)
+                cells.append(f"{_fmt(diff.mean, key)} [{_fmt(diff.low, key)}, {_fmt(diff.high, key)}]" if diff.n > 1
+                             else f"{_fmt(diff.mean, key)} (n=1, no interval)")
+            body.append([encoding, size, str(n)] + cells)
+        lines += _table(["encoding", "size", "n"] + [h for h, _ in columns], body, left=2)
+
+    lines += ["", "## Loss vs parameters", "", "N = the size's non-embedding backbone parameters (its RoPE model "
+              "without token embeddings and LM head); loss = mean val loss over seeds.", ""]
+    sizes = [s.name for s in spec.sizes if any(r["size"] == s.name for r in rows)]
+    n_of = {r["size"]: r["non_embedding_parameters"] for r in rows}
+    body = []
+    for size in sizes:
+        cells = []
+        for encoding in spec.encodings:
+            mine = [r["val_loss"] for r in rows if r["encoding"] == encoding and r["size"] == size]
+            cells.append(f"{mean_sd(mine)[0]:.4f}" if mine else "-")
+        body.append([size, f"{n_of[size]:,}"] + cells)
+    lines += _table(["size", "N"] + list(spec.encodings), body, left=1)
+    fits = power_law_fits(spec, rows)
+    if len(sizes) < MIN_SIZES_FOR_FIT:
+        lines += ["", f"No power-law fit: L = E + A·N^-α has three parameters and needs at least {MIN_SIZES_FOR_FIT} "
+                  f"sizes (this study has {len(sizes)} with finished runs)."]
+    elif fits:
+        lines += ["", "Power-law fit L = E + A·N^-α of the mean val loss (grid over α, least squares for E and A):", ""]
+        lines += [f"- {e}: E = {f.e:.4f}, A = {f.a:.4g}, α = {f.alpha:.4f} (rms residual {f.rmse:.2g})"
+                  for e, f in fits.items()]
+    lines += ["", "Plots: loss_vs_tokens.png, perplexity_vs_length.png, loss_vs_parameters.png"]
+    return "\n".join(lines) + "\n"
+
+
+def power_law_fits(spec: StudySpec, rows: list[dict]) -> dict:
+    """Per encoding with finished runs at MIN_SIZES_FOR_FIT or more sizes: the fit of mean val loss vs N."""
+    fits = {}
+    for encoding in spec.encodings:
+        by_size: dict[int, list[float]] = {}
+        for r in rows:
+            if r["encoding"] == encoding and math.isfinite(r["val_loss"]):
+                by_size.setdefault(r["non_embedding_parameters"], []).append(r["val_loss"])
+        if len(by_size) >= MIN_SIZES_FOR_FIT:
+            n = sorted(by_size)
+            fits[encoding] = fit_power_law(n, [mean_sd(by_size[k])[0] for k in n])
+    return fits
 
 
 def _save(fig, ax, xlabel: str, ylabel: str, path: Path, legend_size: float | None = None) -> None:
@@ -46,41 +186,15 @@ def _save(fig, ax, xlabel: str, ylabel: str, path: Path, legend_size: float | No
     plt.close(fig)
 
 
-def power_law_fit(parameters: list[float], losses: list[float]) -> tuple[float, float] | None:
-    """(a, b) of loss = a * N^-b, least squares in log-log space; None with fewer than 2 sizes."""
-    if len(set(parameters)) < 2:
-        return None
-    slope, intercept = np.polyfit(np.log(parameters), np.log(losses), 1)
-    return math.exp(intercept), -slope
-
-
 def write_report(spec: StudySpec, root: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _collect(spec, root)
+    rows = collect(spec, root)
+    (root / "RESULTS.md").write_text(render_results(spec, rows))
     lengths = sorted({n for r in rows for n in r["perplexity"]})
-    lines = [f"# {spec.name}", "", f"{len(rows)} of {len(spec.runs())} runs finished.", "",
-             "| run | encoding | size | params | tokens | train loss | val loss | "
-             + " | ".join(f"ppl@{n}" for n in lengths) + " | train time |",
-             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---:|"]
-    for r in rows:
-        ppl = " | ".join(f"{r['perplexity'].get(n, float('nan')):.2f}" for n in lengths)
-        lines.append(f"| {r['name']} | {r['encoding']} | {r['size']} | {r['parameters']:,} | {r['tokens']:,} | "
-                     f"{r['train_loss']:.4f} | {r['val_loss']:.4f} | {ppl} | {r['train_seconds']:.0f}s |")
-    fits = {}
-    for encoding in spec.encodings:
-        mine = [r for r in rows if r["encoding"] == encoding]
-        fit = power_law_fit([r["parameters"] for r in mine], [r["val_loss"] for r in mine])
-        if fit:
-            fits[encoding] = fit
-    if fits:
-        lines += ["", "Power-law fit of final val loss vs parameters, loss = a * N^-b:", ""]
-        lines += [f"- {e}: a = {a:.3g}, b = {b:.3f}" for e, (a, b) in fits.items()]
-    lines += ["", "Plots: loss_vs_tokens.png, perplexity_vs_length.png, loss_vs_parameters.png"]
-    (root / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -89,23 +203,27 @@ def write_report(spec: StudySpec, root: Path) -> Path:
     _save(fig, ax, "tokens", "train loss", root / "loss_vs_tokens.png", legend_size=7)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.plot(lengths, [r["perplexity"].get(n, float("nan")) for n in lengths], marker="o", label=r["name"],
-                linestyle="-" if r["encoding"] == "tape" else "--")
+    for encoding, size, mine in _cells(spec, rows):
+        stats = [mean_sd([r["perplexity"].get(n, math.nan) for r in mine]) for n in lengths]
+        ax.errorbar(lengths, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats], marker="o",
+                    capsize=3, label=f"{encoding}-{size} (n={len(mine)})",
+                    linestyle="-" if encoding == "tape" else "--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    _save(fig, ax, "evaluation length (tokens)", "perplexity", root / "perplexity_vs_length.png", legend_size=7)
+    _save(fig, ax, "evaluation length (tokens)", "perplexity (mean ± sd over seeds)", root / "perplexity_vs_length.png",
+          legend_size=7)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    fits = power_law_fits(spec, rows)
     for encoding in spec.encodings:
         mine = [r for r in rows if r["encoding"] == encoding]
         if not mine:
             continue
-        ax.scatter([r["parameters"] for r in mine], [r["val_loss"] for r in mine], label=encoding)
+        ax.scatter([r["non_embedding_parameters"] for r in mine], [r["val_loss"] for r in mine], label=encoding)
         if encoding in fits:
-            a, b = fits[encoding]
-            xs = np.geomspace(min(r["parameters"] for r in mine), max(r["parameters"] for r in mine), 20)
-            ax.plot(xs, a * xs ** -b, linestyle=":")
+            xs = np.geomspace(min(r["non_embedding_parameters"] for r in mine),
+                              max(r["non_embedding_parameters"] for r in mine), 20)
+            ax.plot(xs, fits[encoding](xs), linestyle=":")
     ax.set_xscale("log")
-    _save(fig, ax, "parameters", "final val loss", root / "loss_vs_parameters.png")
+    _save(fig, ax, "non-embedding parameters N", "final val loss", root / "loss_vs_parameters.png")
     return root / "RESULTS.md"

@@ -1,29 +1,45 @@
-"""`tape-pretrain study`: run (or emit) every run of a grid, skip finished ones, resume interrupted ones, report."""
+"""`tape-pretrain study`: run (or emit) every run of a grid at one budget per size, re-use a finished run only when
+its config hash matches, resume interrupted ones, report.
+
+Each run directory gets `study_run.json` when the study launches (or emits) it: the hash of the resolved run
+config, that config, and the run's budget. A run directory whose record hash differs from the config the study
+would launch now (or that holds a run without a record) is refused with the differing keys; nothing is deleted."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
-import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tape_pretrain.config import (
+    ConfigError,
     ModelConfig,
-    PositionalConfig,
     RunConfig,
     from_dict,
     load_config,
     read_yaml_mapping,
     set_dotted,
+    to_dict,
 )
-from tape_pretrain.study.report import write_report
+from tape_pretrain.study.report import EVAL_RECORD, RUN_RECORD, write_report
 from tape_pretrain.study.spec import StudySpec, load_study
+
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "export", "config.json", EVAL_RECORD)
+"""What a training (or the study's evaluation) leaves in a run directory: its presence means a run was launched."""
+
+HASH_EXCLUDED = ("run_dir",)
+"""Resolved-config keys left out of the hash: where a run lives, not what it computes."""
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -64,55 +80,276 @@ def ensure_dataset(spec: StudySpec, root: Path) -> str:
     return url
 
 
-def run_config(spec: StudySpec, run: dict, root: Path, data_url: str, vocab_size: int) -> dict:
+# ---- budgets -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    steps: int
+    """Optimizer steps of this run."""
+    tokens: int
+    """Training tokens (steps x trainer.global_batch_tokens)."""
+    flops: float
+    """Training FLOPs: 3 x forward FLOPs per token (at each step's curriculum length) x tokens."""
+    parameters: int
+    """All parameters of this encoding's model (TAPE's frozen last-layer weights included)."""
+    positional_parameters: int
+    """Parameters the positional encoding adds (0 for RoPE, NoPE, ALiBi, xPos, RandPE)."""
+    backbone_parameters: int
+    """Parameters of the size's backbone, the RoPE model: what the token budget is a multiple of."""
+    non_embedding_parameters: int
+    """Backbone parameters without token embeddings and LM head: the N of the power-law fit."""
+
+
+def _model_config(config: RunConfig, vocab_size: int, encoding: str | None = None) -> ModelConfig:
+    """The model the trainer builds for ``config`` (vocab from the dataset, max_seq_len from trainer.seq_len)."""
+    from tape_pretrain.models.presets import resolve_model_config
+
+    model = dataclasses.replace(config.model)
+    if encoding is not None:
+        model.positional = dataclasses.replace(model.positional, name=encoding)
+    if model.vocab_size is None:
+        model.vocab_size = vocab_size
+    if model.max_seq_len is None:
+        model.max_seq_len = config.trainer.seq_len
+    return resolve_model_config(model)
+
+
+def _meta_model(model: ModelConfig):
+    import torch
+
+    from tape_pretrain.models import build_model
+
+    with torch.device("meta"):
+        return build_model(model, initialise=False)
+
+
+def training_flops(model, config: RunConfig, steps: int) -> float:
+    """3 x forward FLOPs per token x tokens over ``steps`` steps, each at its curriculum length."""
+    from tape_pretrain.train.schedule import Curriculum
+
+    t = config.trainer
+    curriculum = Curriculum(config.curriculum, t.seq_len, steps * t.global_batch_tokens)
+    steps_per_length = Counter(curriculum.seq_len(step * t.global_batch_tokens) for step in range(steps))
+    return sum(3 * model.forward_flops_per_token(length) * t.global_batch_tokens * count
+               for length, count in steps_per_length.items())
+
+
+def run_budget(spec: StudySpec, config: dict, vocab_size: int) -> Budget:
+    """One budget per size, from the size's RoPE model: the same tokens for every encoding (budget: tokens) or the
+    same training FLOPs as the RoPE run (budget: flops)."""
+    resolved = from_dict(RunConfig, config)
+    t = resolved.trainer
+    model = _meta_model(_model_config(resolved, vocab_size))
+    rope = _meta_model(_model_config(resolved, vocab_size, "rope"))
+    backbone = rope.num_parameters()
+    if model.num_parameters() - model.num_positional_parameters() != backbone:
+        raise AssertionError(f"{resolved.model.positional.name}: parameters minus positional parameters "
+                             f"({model.num_parameters()} - {model.num_positional_parameters()}) differ from the "
+                             f"RoPE model's {backbone}: num_positional_parameters misses a positional weight")
+    embeddings = rope.embed_tokens.weight.numel() + rope.lm_head.weight.numel()
+    rope_steps = max(spec.min_steps, math.ceil(spec.tokens_per_parameter * backbone / t.global_batch_tokens))
+    steps = rope_steps
+    if spec.budget == "flops" and resolved.model.positional.name != "rope":
+        per_step = training_flops(model, resolved, rope_steps) / rope_steps
+        steps = max(1, round(training_flops(rope, resolved, rope_steps) / per_step))
+    return Budget(steps=steps, tokens=steps * t.global_batch_tokens, flops=training_flops(model, resolved, steps),
+                  parameters=model.num_parameters(), positional_parameters=model.num_positional_parameters(),
+                  backbone_parameters=backbone, non_embedding_parameters=backbone - embeddings)
+
+
+def plan_run(spec: StudySpec, run: dict, root: Path, data_url: str, vocab_size: int) -> tuple[dict, Budget]:
+    """The run's config (with trainer.max_steps set from its budget) and the budget."""
     base = read_yaml_mapping(spec.base_config, "study.base_config") if spec.base_config else {}
     base = _merge(base or {}, _nested({k: v for k, v in spec.base.items() if "." in k}))
     base = _merge(base, {k: v for k, v in spec.base.items() if "." not in k})
     config = _merge(base, {
         "run_dir": str(root / "runs" / run["name"]), "seed": run["seed"],
         "data": {"path": data_url},
-        "model": _merge(run["size"].model, {"positional": {"name": run["encoding"]}}),
+        "model": _merge(run["size"].model, {"positional": spec.positional(run["encoding"])}),
         "logging": {"wandb": {"name": f"{spec.name}/{run['name']}"}},
     })
-    resolved = from_dict(RunConfig, config)
-    parameters = count_parameters(resolved.model, vocab_size, resolved.trainer.seq_len)
-    tokens = spec.tokens_per_parameter * parameters
-    config["trainer"] = dict(config.get("trainer", {}))
-    config["trainer"]["max_steps"] = max(spec.min_steps, math.ceil(tokens / resolved.trainer.global_batch_tokens))
-    return config
+    budget = run_budget(spec, config, vocab_size)
+    config["trainer"] = dict(config.get("trainer") or {})
+    config["trainer"]["max_steps"] = budget.steps
+    return config, budget
 
 
-def count_parameters(model: ModelConfig, vocab_size: int, seq_len: int) -> int:
-    import torch
+def run_config(spec: StudySpec, run: dict, root: Path, data_url: str, vocab_size: int) -> dict:
+    return plan_run(spec, run, root, data_url, vocab_size)[0]
 
-    from tape_pretrain.models import build_model
 
-    fields = dict(model.__dict__)
-    fields["positional"] = PositionalConfig(**model.positional.__dict__)
-    fields["vocab_size"] = fields["vocab_size"] or vocab_size
-    fields["max_seq_len"] = fields["max_seq_len"] or seq_len
-    with torch.device("meta"):
-        return build_model(ModelConfig(**fields)).num_parameters()
+# ---- re-use ------------------------------------------------------------------------------------
+
+
+def _hash(resolved: dict) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def config_hash(config: dict) -> tuple[str, dict]:
+    """sha256 of the resolved run config (every field, defaults included, run_dir excluded) and that config."""
+    resolved = to_dict(from_dict(RunConfig, config))
+    for key in HASH_EXCLUDED:
+        resolved.pop(key, None)
+    return _hash(resolved), resolved
+
+
+def _with_later_defaults(recorded: dict, defaults: dict | None = None) -> dict:
+    """A recorded resolved config with the config keys added to the code since it was recorded set to their
+    defaults (that run computed what the default computes); keys the code has since dropped stay, and differ."""
+    defaults = to_dict(RunConfig()) if defaults is None else defaults
+    out = dict(recorded)
+    for key, value in defaults.items():
+        if key in HASH_EXCLUDED:
+            continue
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_later_defaults(out[key], value)
+    return out
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+
+
+def config_diff(old: dict, new: dict, limit: int = 6) -> str:
+    """'key: old -> new, ...' for the dotted keys whose values differ (a key missing on one side reads <absent>)."""
+    a = {k.rstrip("."): v for k, v in _flatten(old).items()}
+    b = {k.rstrip("."): v for k, v in _flatten(new).items()}
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def reuse_conflict(run_dir: Path, digest: str, resolved: dict) -> str | None:
+    """Why the run in ``run_dir`` must not be re-used (or resumed) by a study launching config hash ``digest``;
+    None when it may (same hash, or nothing launched there yet)."""
+    record_path = run_dir / RUN_RECORD
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{run_dir}: {RUN_RECORD} is unreadable ({exc})"
+        if record.get("config_hash") == digest or _hash(_with_later_defaults(record.get("config", {}))) == digest:
+            return None
+        return f"{run_dir} was launched with another config ({config_diff(record.get('config', {}), resolved)})"
+    launched = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if launched:
+        return (f"{run_dir} holds a run ({', '.join(launched)}) without {RUN_RECORD}: launched by hand or by an "
+                "older version of the study, so its config is unknown")
+    return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)  # whole or not at all
+
+
+def training_finished(run_dir: Path, steps: int) -> bool:
+    from tape_pretrain.train.export import WEIGHTS
+    from tape_pretrain.train.metrics import training_records
+
+    if not (run_dir / "export" / WEIGHTS).exists() or not (run_dir / "metrics.jsonl").exists():
+        return False
+    return max(training_records(run_dir), default=0) >= steps
+
+
+def eval_settings(spec: StudySpec, seq_len: int) -> dict:
+    return {"lengths": [m * seq_len for m in spec.eval_multipliers], "max_tokens": spec.eval_max_tokens}
+
+
+def eval_current(run_dir: Path, settings: dict) -> bool:
+    try:
+        return json.loads((run_dir / EVAL_RECORD).read_text()).get("settings") == settings
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---- launching ---------------------------------------------------------------------------------
 
 
 def train_command(config_path: Path, nproc: int) -> list[str]:
+    """The command that trains (or resumes) one run; torchrun's --standalone picks a free port when it starts."""
     if nproc <= 1:
         return [sys.executable, "-m", "tape_pretrain.cli", "train", str(config_path)]
-    from tape_pretrain.distributed.env import free_port
-
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", "tape_pretrain.cli", "train", str(config_path)]
 
 
 def evaluate_run(run_dir: Path, data_url: str, spec: StudySpec, seq_len: int) -> dict:
+    """Perplexity at each evaluation length (on the device and in the dtype that evaluate_lengths picks)."""
     from tape_pretrain.eval.perplexity import evaluate_lengths
     from tape_pretrain.train.export import load_export_model
 
     model = load_export_model(str(run_dir / "export"))
-    lengths = [m * seq_len for m in spec.eval_multipliers]
+    lengths = eval_settings(spec, seq_len)["lengths"]
     results = evaluate_lengths(model, data_url, lengths, str(run_dir / ".eval_cache"), spec.eval_max_tokens, 4)
     return {str(k): v for k, v in results.items()}
+
+
+_FREE_PORT = ("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+
+
+def sbatch_script(spec: StudySpec, root: Path, tasks: list[tuple[Path, Path]]) -> str:
+    """An sbatch array with one task per (run_dir, config) in ``tasks``. The port is chosen on the node when the
+    task starts; a trapped signal is forwarded to the trainer as SIGTERM, and an unfinished run is requeued."""
+    s = spec.slurm
+    signal_name = s.signal.split(":", 1)[1].split("@", 1)[0].removeprefix("SIG")
+    root = root.resolve()
+    directives = [f"--job-name={spec.name}", f"--array=0-{len(tasks) - 1}", "--nodes=1", "--ntasks=1",
+                  f"--gres={s.gres or f'gpu:{spec.nproc}'}", f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time}",
+                  f"--signal={s.signal}", "--requeue" if s.requeue else "--no-requeue", "--open-mode=append",
+                  f"--output={root / 'slurm' / '%x_%A_%a.out'}"]
+    directives += [f"--partition={s.partition}"] * bool(s.partition) + [f"--account={s.account}"] * bool(s.account)
+    directives += s.extra
+    cases = "\n".join(f"  {i}) run_dir={shlex.quote(str(run_dir.resolve()))}; "
+                      f"config={shlex.quote(str(config.resolve()))} ;;" for i, (run_dir, config) in enumerate(tasks))
+    if spec.nproc > 1:
+        launch = (f'"$PYTHON" -m torch.distributed.run --nproc-per-node {spec.nproc} --nnodes 1 --rdzv-backend c10d '
+                  '--rdzv-endpoint "127.0.0.1:$MASTER_PORT" -m tape_pretrain.cli train "$config" &')
+    else:
+        launch = '"$PYTHON" -m tape_pretrain.cli train "$config" &'
+    from tape_pretrain.train.export import WEIGHTS
+
+    return f"""#!/usr/bin/env bash
+# {spec.name}: one array task per unfinished run, written by `tape-pretrain study`; submit with sbatch.
+# When every task is done: tape-pretrain study STUDY.yaml launcher=local (evaluates and reports; training is skipped).
+{chr(10).join(f"#SBATCH {d}" for d in directives)}
+set -euo pipefail
+cd {shlex.quote(os.getcwd())}
+PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}
+case ${{SLURM_ARRAY_TASK_ID:?not an array task}} in
+{cases}
+  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;
+esac
+# Chosen here, on the node, when the task starts (a port free on this node now), not where the script was written.
+MASTER_PORT=$("$PYTHON" -c "{_FREE_PORT}")
+export MASTER_PORT
+signalled=0
+{launch}
+child=$!
+# The trainer catches SIGTERM: it finishes its step, saves a checkpoint and exits 0.
+trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' {signal_name}{" TERM" if signal_name != "TERM" else ""}
+status=0
+wait "$child" || status=$?
+if [ "$signalled" = 1 ]; then  # the trap cut that wait short: wait for the trainer to save and exit
+  again=0
+  wait "$child" 2>/dev/null || again=$?
+  [ "$again" = 127 ] || status=$again  # 127: the first wait had its status already
+fi
+if [ "$signalled" = 1 ] && [ ! -f "$run_dir/export/{WEIGHTS}" ]; then
+  echo "signalled before the run finished: requeueing to resume from its checkpoint" >&2
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+fi
+exit "$status"
+"""
 
 
 def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
@@ -127,43 +364,58 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
         vocab = int(load_manifest(data_url)[0].tokenizer["vocab_size"])
     except Exception:  # emitting commands before the data exists: size the budget with the preset's vocab
         vocab = 32000
-    commands = []
+    plans, conflicts = [], []
     for run in spec.runs():
         run_dir = root / "runs" / run["name"]
+        config, budget = plan_run(spec, run, root, data_url, vocab)
+        digest, resolved = config_hash(config)
+        conflict = reuse_conflict(run_dir, digest, resolved)
+        if conflict:
+            conflicts.append(f"  {run['name']}: {conflict}")
+        plans.append((run, run_dir, config, budget, digest, resolved))
+    if conflicts:
+        raise ConfigError(
+            f"study {spec.name}: {len(conflicts)} run(s) were launched with a config that differs from the one this "
+            "study would launch now, and are neither re-used nor resumed:\n" + "\n".join(conflicts) +
+            "\nNothing was deleted or launched. Move those run directories aside (or delete them yourself), "
+            "or give the study another name or out_dir.")
+    commands, tasks = [], []
+    for run, run_dir, config, budget, digest, resolved in plans:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = run_config(spec, run, root, data_url, vocab)
         config_path = run_dir / "run.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        command = train_command(config_path, spec.nproc)
-        commands.append(command)
+        if not dry_run:  # launched (or printed to be launched) with this config: the hash that re-use checks
+            _write_json(run_dir / RUN_RECORD, {
+                "config_hash": digest, "encoding": run["encoding"], "size": run["size"].name, "seed": run["seed"],
+                "budget": dataclasses.asdict(budget), "config": resolved})
+        commands.append(train_command(config_path, spec.nproc))
+        trained = training_finished(run_dir, budget.steps)
+        if not trained:
+            tasks.append((run_dir, config_path))
         if emit_only:
             continue
-        if (run_dir / "eval.json").exists():
+        seq_len = load_config(config_path).trainer.seq_len
+        settings = eval_settings(spec, seq_len)
+        if trained and eval_current(run_dir, settings):
             print(f"study: {run['name']} already finished; skipped")
             continue
-        print(f"study: training {run['name']} ({config['trainer']['max_steps']} steps)", flush=True)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)  # re-running resumes an interrupted run from its checkpoint
-        timing_file = run_dir / "timing.json"
-        previous = json.loads(timing_file.read_text())["train_seconds"] if timing_file.exists() else 0.0
-        timing_file.write_text(json.dumps({"train_seconds": previous + time.perf_counter() - start}))
-        seq_len = load_config(config_path).trainer.seq_len
+        if not trained:
+            print(f"study: training {run['name']} ({budget.steps} steps, {budget.tokens:,} tokens, "
+                  f"{budget.flops:.3g} FLOPs)", flush=True)
+            subprocess.run(train_command(config_path, spec.nproc), check=True)  # resumes an interrupted run
         results = evaluate_run(run_dir, data_url, spec, seq_len)
-        # eval.json marks the run finished, so it appears whole or not at all
-        partial = run_dir / "eval.json.tmp"
-        partial.write_text(json.dumps(results, indent=1))
-        partial.replace(run_dir / "eval.json")
+        _write_json(run_dir / EVAL_RECORD, {"settings": settings, "results": results})  # marks the run finished
     if emit_only:
-        lines = [shlex.join(c) for c in commands]
         if spec.launcher == "slurm" and not dry_run:
+            if not tasks:
+                print("study: every run is trained; evaluate and report with launcher=local")
+                return root
+            (root / "slurm").mkdir(exist_ok=True)
             script = root / "study_array.sbatch"
-            cases = "\n".join(f"  {i}) {line} ;;" for i, line in enumerate(lines))
-            script.write_text(f"#!/usr/bin/env bash\n#SBATCH --array=0-{len(lines) - 1}\n"
-                              f"#SBATCH --job-name={spec.name}\nset -euo pipefail\n"
-                              f"case $SLURM_ARRAY_TASK_ID in\n{cases}\nesac\n")
-            print(f"study: wrote {script} ({len(lines)} array tasks); evaluate and report with launcher=local")
+            script.write_text(sbatch_script(spec, root, tasks))
+            print(f"study: wrote {script} ({len(tasks)} array tasks); evaluate and report with launcher=local")
         else:
-            print("\n".join(lines))
+            print("\n".join(shlex.join(c) for c in commands))
         return root
     report = write_report(spec, root)
     print(f"study: results in {report}")

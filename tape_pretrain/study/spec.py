@@ -1,13 +1,22 @@
-"""The study file: a base run config, a grid, a token budget per size, evaluation lengths, a launcher."""
+"""The study file: a base run config, a grid, one budget per size, seeds and a baseline for the statistics,
+evaluation lengths, a launcher (and SLURM resources)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tape_pretrain.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
+from tape_pretrain.config import (
+    POSITIONAL_NAMES,
+    ConfigError,
+    PositionalConfig,
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+)
 
 
 @dataclass
@@ -28,6 +37,32 @@ class DataPrepSpec:
     """Share of documents in the val split."""
 
 
+SLURM_SIGNALS = ("TERM", "USR1", "USR2", "INT")
+"""Signals the generated batch script may trap; it forwards SIGTERM to the trainer, whose handler saves and exits."""
+
+
+@dataclass
+class SlurmSpec:
+    gres: str | None = None
+    """--gres per array task (one run on one node), e.g. gpu:8 or gpu:a100:8; None asks for gpu:<nproc>."""
+    cpus_per_task: int = 16
+    """--cpus-per-task (data loading and the engine's CPU work)."""
+    time: str = "24:00:00"
+    """--time per task (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); a run that reaches it saves and is
+    requeued, and the requeued task resumes from its checkpoint."""
+    signal: str = "B:TERM@120"
+    """--signal B:NAME@SECONDS: sent to the batch script this long before the time limit; the script forwards
+    SIGTERM to the trainer (which finishes its step, saves and exits 0) and requeues the unfinished run."""
+    requeue: bool = True
+    """--requeue: SLURM may requeue the task after preemption or a node failure (it resumes)."""
+    partition: str | None = None
+    """--partition, if any."""
+    account: str | None = None
+    """--account, if any."""
+    extra: list[str] = field(default_factory=list)
+    """More #SBATCH options, each a single --option[=value]."""
+
+
 @dataclass
 class StudySpec:
     name: str = "study"
@@ -43,15 +78,27 @@ class StudySpec:
     data_prep: DataPrepSpec = field(default_factory=DataPrepSpec)
     """How to prepare the dataset if it does not exist."""
     encodings: list[str] = field(default_factory=lambda: ["rope", "tape"])
-    """model.positional.name values."""
+    """What each run's attention uses: model.positional.name values, or labels of ``variants``."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named encoding variants for ``encodings``: label -> model.positional fields, ``name`` (a built-in encoding)
+    included, e.g. TAPE's ablation ``tape-no-mlp-update: {name: tape, tape_mlp_update: false}``."""
     sizes: list[SizeSpec] = field(default_factory=list)
     """Model sizes."""
     seeds: list[int] = field(default_factory=lambda: [1234])
-    """Seeds."""
+    """Seeds: every (encoding, size) runs once per seed; tables give mean and sample sd over seeds."""
+    baseline: str | None = "rope"
+    """Encoding that the others are compared with, seed by seed (None: no comparison table)."""
     tokens_per_parameter: float = 20.0
-    """Token budget per run = this x the model's parameters (rounded to whole steps)."""
+    """Token budget of a size = this x the size's backbone parameters: the RoPE model of that size (embeddings
+    included; positional weights such as TAPE's or FIRE's are not), rounded up to whole steps."""
+    budget: Literal["tokens", "flops"] = "tokens"
+    """tokens: every encoding of a size trains on the same tokens; flops: on the training FLOPs of the size's
+    RoPE run (3 x forward FLOPs per token, summed over steps), so an encoding with more FLOPs per token takes
+    fewer steps."""
     min_steps: int = 10
-    """Lower bound on steps for tiny budgets."""
+    """Lower bound on a size's steps for tiny budgets."""
+    final_loss_window: int = 5
+    """Final training loss = mean of this many last logged training losses."""
     eval_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Perplexity is measured at these multiples of the training length."""
     eval_max_tokens: int = 100_000
@@ -60,6 +107,12 @@ class StudySpec:
     """Processes per run (torchrun on this machine when > 1)."""
     launcher: Literal["local", "print", "slurm"] = "local"
     """local: run sequentially here; print: print the commands; slurm: write an sbatch array script."""
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    """Resources and preemption handling of the sbatch array (launcher: slurm)."""
+
+    def positional(self, encoding: str) -> dict[str, Any]:
+        """model.positional fields of an entry of ``encodings``."""
+        return dict(self.variants[encoding]) if encoding in self.variants else {"name": encoding}
 
     def runs(self) -> list[dict[str, Any]]:
         out = []
@@ -81,4 +134,55 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpe
     names = [s.name for s in spec.sizes]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{path}: every study.sizes entry needs a distinct name")
+    validate_study(spec, str(path))
     return spec
+
+
+_SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+_SLURM_WORD = re.compile(r"[\w.,:+-]+")
+
+
+def validate_study(spec: StudySpec, where: str) -> None:
+    """Cross-field checks of a study; one ConfigError naming the study key."""
+    for label, fields in spec.variants.items():
+        if label in POSITIONAL_NAMES or not _SLURM_WORD.fullmatch(label) or not isinstance(fields, dict):
+            raise ConfigError(f"{where}: study.variants.{label}: a variant needs its own label (letters, digits, "
+                              f"'.-_', not a built-in encoding name) and a mapping of model.positional fields")
+        if fields.get("name") not in POSITIONAL_NAMES:
+            raise ConfigError(f"{where}: study.variants.{label}.name must be one of {', '.join(POSITIONAL_NAMES)}, "
+                              f"got {fields.get('name')!r}")
+        from_dict(PositionalConfig, fields, f"study.variants.{label}")  # unknown fields and bad values fail here
+    unknown = [e for e in spec.encodings if e not in POSITIONAL_NAMES and e not in spec.variants]
+    if unknown:
+        raise ConfigError(f"{where}: study.encodings: unknown encoding {unknown[0]!r} "
+                          f"(known: {', '.join(POSITIONAL_NAMES)}; or define it under study.variants)")
+    if not spec.encodings or len(set(spec.encodings)) != len(spec.encodings):
+        raise ConfigError(f"{where}: study.encodings must be a non-empty list without repeats")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"{where}: study.seeds must be a non-empty list of distinct seeds")
+    if spec.baseline is not None and spec.baseline not in spec.encodings:
+        raise ConfigError(f"{where}: study.baseline={spec.baseline!r} is not one of study.encodings "
+                          f"({', '.join(spec.encodings)}); add it there or set study.baseline: null")
+    if spec.tokens_per_parameter < 0 or spec.min_steps < 1:
+        raise ConfigError(f"{where}: study.tokens_per_parameter must be >= 0 and study.min_steps >= 1")
+    if spec.final_loss_window < 1:
+        raise ConfigError(f"{where}: study.final_loss_window must be >= 1, got {spec.final_loss_window}")
+    if spec.nproc < 1 or spec.eval_max_tokens < 1 or not spec.eval_multipliers or min(spec.eval_multipliers) < 1:
+        raise ConfigError(f"{where}: study.nproc, study.eval_max_tokens and study.eval_multipliers must be positive")
+    s = spec.slurm
+    if not _SLURM_TIME.fullmatch(s.time):
+        raise ConfigError(f"{where}: study.slurm.time={s.time!r} is not a SLURM time (e.g. 24:00:00 or 2-00:00:00)")
+    signal = re.fullmatch(r"B:(?:SIG)?([A-Z0-9]+)@(\d+)", s.signal)
+    if not signal or signal.group(1) not in SLURM_SIGNALS:
+        raise ConfigError(f"{where}: study.slurm.signal={s.signal!r}: expected B:NAME@SECONDS with NAME one of "
+                          f"{', '.join(SLURM_SIGNALS)} (B: sends it to the batch script, which forwards SIGTERM "
+                          "to the trainer)")
+    if s.cpus_per_task < 1:
+        raise ConfigError(f"{where}: study.slurm.cpus_per_task must be >= 1, got {s.cpus_per_task}")
+    for key in ("gres", "partition", "account"):
+        value = getattr(s, key)
+        if value is not None and not _SLURM_WORD.fullmatch(value):
+            raise ConfigError(f"{where}: study.slurm.{key}={value!r} is not a single SLURM word")
+    for option in s.extra:
+        if not re.fullmatch(r"--[a-z][\w-]*(=[^\s'\"\\]+)?", option):
+            raise ConfigError(f"{where}: study.slurm.extra: {option!r} is not a single --option[=value]")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tape_pretrain.config import ConfigError, RunConfig, to_dict
+from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig, RunConfig, to_dict
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
 from tape_pretrain.data.manifest import load_manifest
@@ -24,6 +24,7 @@ from tape_pretrain.distributed.engine import build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
 from tape_pretrain.errors import CheckpointError, DataError, StorageError
 from tape_pretrain.models import build_model
+from tape_pretrain.models.positional.base import allow_cudnn_attention
 from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.initial_weights import model_source
@@ -34,7 +35,8 @@ from tape_pretrain.train.schedule import Curriculum, learning_rate
 from tape_pretrain.utils.redact import redact, redact_text
 
 
-def configure_determinism(config: RunConfig) -> None:
+def configure_kernels(config: RunConfig) -> None:
+    allow_cudnn_attention(config.trainer.cudnn_attention)
     if config.trainer.num_threads is not None:
         torch.set_num_threads(config.trainer.num_threads)
     if config.trainer.deterministic:
@@ -73,8 +75,19 @@ def run_curriculum(config: RunConfig) -> Curriculum:
     return Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
 
 
-IMPLEMENTATION_ONLY_POSITIONAL_KEYS = ("tape_attention",)
-"""model.positional keys that choose how, not what, the model computes: a run may resume with another value."""
+IMPLEMENTATION_ONLY_POSITIONAL_KEYS = ("tape_attention", "randrope_eval", "randrope_eval_seed")
+"""model.positional keys that leave the training computation unchanged (how TAPE's attention is computed; which
+positions RandPE evaluates at): a run may resume with another value."""
+
+
+def _with_defaults_of_later_keys(saved_model: dict) -> dict:
+    """A checkpoint's model identity with the keys added to ModelConfig / PositionalConfig since it was written set
+    to their defaults: that run computed what the default computes (a new key's default keeps the old model)."""
+    model = {**to_dict(ModelConfig(preset=None)), **saved_model}
+    model["positional"] = {**to_dict(PositionalConfig()), **saved_model.get("positional", {})}
+    for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
+        model["positional"].pop(key, None)
+    return model
 
 
 def resume_identity(config: RunConfig, vocab_size: int) -> dict:
@@ -96,8 +109,11 @@ def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> No
     """Refuse to resume from a checkpoint whose trainer state `saved` differs from this run's resume identity
     `current` (see resume_identity), except in the checks named in `allowed` (checkpoint.allow_changes).
     The engine is never waived: its checkpoint format differs."""
-    if "model" not in allowed and saved["model"] != current["model"]:
-        diff = sorted(k for k in current["model"] if current["model"][k] != saved["model"].get(k))
+    saved_model = _with_defaults_of_later_keys(saved["model"])
+    if "model" not in allowed and saved_model != current["model"]:
+        diff = sorted(k for k in current["model"] if current["model"][k] != saved_model.get(k) and k != "positional")
+        diff += sorted(f"positional.{k}" for k, v in current["model"]["positional"].items()
+                       if v != saved_model["positional"].get(k))
         raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
                               "(add 'model' to checkpoint.allow_changes if intended)")
     if "batch" not in allowed and (saved["global_batch_tokens"], saved["seq_len"]) != (
@@ -148,6 +164,7 @@ class Trainer:
             print(f"warning: the val split of {redact_text(config.data.path)} has {val_split.num_tokens} tokens, "
                   f"too few for one window of trainer.seq_len={t.seq_len}: no val_loss will be logged (prep with a "
                   "larger --val-fraction)", flush=True)
+        self.length_windows = self._length_windows(val_split, manifest.dtype)
         self.curriculum = run_curriculum(config)
 
         with torch.device("meta"):  # for FLOP counts (MFU); built before seeding: construction draws a number
@@ -185,6 +202,22 @@ class Trainer:
             result = cache_split(c.path, self.manifest, self.fingerprint, split, c.cache_dir, c.storage_options,
                                  c.on_corrupt_shard)
         return result
+
+    def _length_windows(self, val_split, dtype: str) -> dict[int, TokenWindows]:
+        """{N: the val split in windows of N} for N = m x trainer.seq_len, m in trainer.eval_length_multipliers
+        (empty when no val_loss is logged). Every rank needs a window of each length."""
+        t, out = self.config.trainer, {}
+        if self.val_windows is None:
+            return out
+        for m in t.eval_length_multipliers:
+            n = m * t.seq_len
+            if (val_split.num_tokens - 1) // n < self.env.world_size:
+                raise ConfigError(
+                    f"trainer.eval_length_multipliers: {m} x seq_len = {n} tokens needs {self.env.world_size} "
+                    f"window(s) of {n + 1} tokens, but the val split of {redact_text(self.config.data.path)} has "
+                    f"{val_split.num_tokens}: drop the multiplier or prep with a larger --val-fraction")
+            out[n] = self.val_windows if n == t.seq_len else TokenWindows(val_split, dtype, n)
+        return out
 
     def trainer_state(self) -> dict:
         return {
@@ -335,10 +368,13 @@ class Trainer:
                 pause_start = time.perf_counter()
             if evaluate:
                 val = self.evaluate()
-                if val is not None and env.is_main:
-                    self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens,
-                                      "val_loss": val})
-                    last["val_loss"] = val
+                if val is not None:  # every rank evaluates every length (each all-reduces its sums); rank 0 logs
+                    val_losses = {"val_loss": val} | {
+                        f"val_loss@{n}": val if windows is self.val_windows else self.evaluate(windows)
+                        for n, windows in self.length_windows.items()}
+                    if env.is_main:
+                        self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens, **val_losses})
+                        last.update(val_losses)
             if checkpoint:
                 self.checkpoints.save(self.step, self.engine, self.trainer_state(),
                                       extra_uploads=["metrics.jsonl", "config.json"], blocking=final)
@@ -402,22 +438,27 @@ class Trainer:
         barrier(self.env)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over the first eval_batches micro-batches of the val split (full length, fixed windows)."""
-        if self.val_windows is None:
+    def evaluate(self, windows: TokenWindows | None = None) -> float | None:
+        """Mean loss over fixed val windows: the first eval_batches micro-batches of trainer.seq_len (val_loss), or
+        the same tokens in windows of N = m x seq_len, micro_batch_size / m rows per forward (val_loss@N)."""
+        windows = self.val_windows if windows is None else windows
+        if windows is None:
             return None
         t, env = self.config.trainer, self.env
-        per_rank = t.eval_batches * t.micro_batch_size
-        total = min(per_rank * env.world_size, self.val_windows.num_windows)
+        multiple = windows.window_len // t.seq_len
+        per_rank = t.eval_batches * t.micro_batch_size // multiple
+        total = min(per_rank * env.world_size, windows.num_windows)
         per_rank = total // env.world_size
         if per_rank == 0:
             return None
         indices = torch.arange(env.rank * per_rank, (env.rank + 1) * per_rank).numpy()
-        batch = torch.from_numpy(self.val_windows.gather(indices))
+        batch = torch.from_numpy(windows.gather(indices))
         module = self.engine.module
         module.eval()
         sums = torch.zeros(2, dtype=torch.float64)
-        for inputs, labels in self.micro_batches(batch, t.seq_len):
+        for chunk in batch.split(max(1, t.micro_batch_size // multiple)):
+            inputs = chunk[:, :-1].to(env.device, non_blocking=True)
+            labels = chunk[:, 1:].to(env.device, non_blocking=True)
             logits = self.engine.eval_logits(inputs)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                      reduction="sum")
@@ -429,7 +470,7 @@ class Trainer:
 
 
 def train(config: RunConfig) -> dict:
-    configure_determinism(config)
+    configure_kernels(config)
     env = init_distributed(config.parallel.timeout_s)
     try:
         from tape_pretrain.distributed.preflight import preflight

@@ -22,11 +22,14 @@ def test_bench_gpu_reports_every_section(dataset_path):
     lines = out.stdout.splitlines()
     summary = lines[lines.index("== summary") + 1:-1]
     assert [line.split(":")[0] for line in summary] == [
-        "PASS environment", "INFO speed N=64", "INFO mfu N=64", "PASS sdpa", "PASS train_resume", "PASS async_save"]
-    assert "stopped at 3 and resumed" in summary[4] and "bitwise equal" in summary[4]
+        "PASS environment", "INFO speed N=64", "INFO mfu N=64", "PASS sdpa", "PASS model_grads", "PASS train_resume",
+        "PASS async_save"]
+    assert "stopped at 3 and resumed" in summary[5] and "bitwise equal" in summary[5]
     values = dict(pair.split("=", 1) for pair in lines[-1].split())
     assert values["failed"] == "0"
     for key in ("tape_over_rope_N64", "mfu_rope_N64", "mfu_tape_N64"):
         assert math.isfinite(float(values[key])) and float(values[key]) > 0, (key, values[key])
+    for name in ("rope", "tape", "nope", "alibi", "fire", "xpos", "randrope"):  # fp32 default dispatch vs math
+        assert float(values[f"grad_error_{name}"]) < 1e-4, (name, values[f"grad_error_{name}"])
     for call in ("rope", "tape_v", "tape_cs", "tape_one_call"):
         assert values[f"sdpa_{call}_N64"] in SDPBackend.__members__, values

@@ -16,8 +16,8 @@ from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import TokenWindows
 from tape_pretrain.data.manifest import load_manifest
 from tape_pretrain.data.tokenizer import Tokenizer
-from tape_pretrain.eval.passkey import make_prompt, passkey_accuracy, score
-from tape_pretrain.eval.perplexity import perplexity
+from tape_pretrain.eval.passkey import evaluate_passkey, make_prompt, passkey_accuracy, score, wilson_interval
+from tape_pretrain.eval.perplexity import eval_placement, perplexity
 from tape_pretrain.models import build_model
 
 
@@ -50,40 +50,98 @@ def test_sliding_window_scores_each_token_once_with_context(dataset_path, tmp_pa
     assert result["perplexity"] == pytest.approx(math.exp(expected.mean().item()), rel=1e-6)
 
 
-def test_passkey_prompt_puts_the_key_at_the_depth(tokenizer_path):
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+SENTENCES = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+QUESTION = "What is the pass key? The pass key is"
+
+
+def whole_sentences(text: str) -> list[str]:
+    """The sentences of a stretch of filler, which must consist of nothing else."""
+    found = re.findall(r"[A-Z][^.]*\.", text)
+    assert " ".join(found) == text.strip(), text
+    return found
+
+
+def test_passkey_prompt_is_whole_sentences_with_the_key_at_the_depth(tokenizer_path):
+    """LongLoRA / Landmark format: the task, whole filler sentences with the key sentence between two of them after
+    round(depth x sentences), the question last; at most L tokens, within one filler sentence of L."""
     tokenizer = Tokenizer.load(tokenizer_path)
+    encode = tokenizer.processor.encode
     rng = random.Random(0)
-    for depth in (0.0, 0.25, 0.5, 0.9, 1.0):
-        prompt = make_prompt(tokenizer, 400, depth, rng)
-        assert abs(len(prompt.ids) - 400) <= 2
-        text_before = tokenizer.decode(prompt.ids[: prompt.key_position])
-        text_after = tokenizer.decode(prompt.ids[prompt.key_position:])
-        assert prompt.key not in text_before
-        assert text_after.lstrip().startswith(f"The pass key is {prompt.key}.")
-        filler = len(prompt.ids) - len(tokenizer.processor.encode(
-            f" The pass key is {prompt.key}. Remember it. {prompt.key} is the pass key.")) - len(
-            tokenizer.processor.encode(" What is the pass key? The pass key is"))
-        assert abs(prompt.key_position - depth * filler) <= 1
-        assert tokenizer.decode(prompt.ids).endswith("What is the pass key? The pass key is")
+    for length in (260, 333, 1000):
+        for depth in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+            prompt = make_prompt(tokenizer, length, depth, rng)
+            key_text = f"The pass key is {prompt.key}. Remember it. {prompt.key} is the pass key."
+            text = tokenizer.decode(prompt.ids)
+            assert re.fullmatch(r"[1-9]\d{4}", prompt.key)
+            assert encode(text) == prompt.ids  # the prompt's tokens are its text's own: no piece cut mid-word
+            assert text.startswith(TASK + " ") and text.endswith(" " + QUESTION)
+            parts = text[len(TASK) + 1: -len(QUESTION) - 1].split(key_text)
+            assert len(parts) == 2, text
+            before, after = whole_sentences(parts[0]), whole_sentences(parts[1])
+            filler = before + after
+            assert filler == [SENTENCES[i % 5] for i in range(len(filler))]
+            assert len(prompt.ids) <= length < len(prompt.ids) + len(encode(SENTENCES[len(filler) % 5]))
+            assert len(before) == round(depth * len(filler)) and len(filler) > 3  # (tokenizer-dependent)
+            assert (depth != 0.0 or before == []) and (depth != 1.0 or after == [])
+            assert tokenizer.decode(prompt.ids[prompt.key_position:]).startswith(key_text)
+    with pytest.raises(ValueError, match=r"passkey length 100 is too short: .* alone take \d+ tokens"):
+        make_prompt(tokenizer, 100, 0.5, rng)
 
 
-@pytest.mark.parametrize("answer, ok", [(" 12345.", True), ("12345", True), (" 123456", False), (" 1234", False),
-                                        (" 54321 12345", False), (" the key", False), ("", False)])
-def test_passkey_scorer_accepts_exactly_the_key(answer, ok):
-    assert score(answer, "12345") is ok
+@pytest.mark.parametrize("answer, ok", [
+    (" 68431.", True), ("68431", True), ("\n 68431 is the pass key", True), (" 68431, 68431", True),
+    (" 6843", False), (" 684310", False), (" 12345", False), (" 6843 1", False), (" it is 68431", False),
+    (" 168431", False), (" the key", False), ("", False)])
+def test_passkey_scorer_is_an_exact_match_at_the_start(answer, ok):
+    assert score(answer, "68431") is ok
+
+
+@pytest.mark.parametrize("successes, low, high", [(0, 0.0, 0.1611), (10, 0.2993, 0.7007), (17, 0.6396, 0.9476),
+                                                  (20, 0.8389, 1.0)])
+def test_wilson_interval_of_20_trials(successes, low, high):
+    """By hand: centre (p + z²/2n) / (1 + z²/n), half-width z sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n), z = 1.96."""
+    assert wilson_interval(successes, 20) == pytest.approx((low, high), abs=5e-5)
+
+
+def read_key(tokenizer, prompt) -> str:
+    return re.search(r"The pass key is (\d+)\.", tokenizer.decode(prompt.ids)).group(1)
+
+
+def test_passkey_scores_answerers_that_copy_ignore_or_nearly_copy_the_key(tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    cells = dict(lengths=[200, 300], depths=[0.0, 0.5, 1.0], trials=4, seed=1)
+    copying = evaluate_passkey(lambda p: f" {read_key(tokenizer, p)}. Remember it.", tokenizer, **cells)
+    assert set(copying) == {(n, d) for n in (200, 300) for d in (0.0, 0.5, 1.0)}
+    assert all(c.correct == c.trials == 4 and c.accuracy == 1.0 for c in copying.values()), copying
+    assert all(c.max_prompt_tokens <= c.length for c in copying.values())
+
+    def keys(lengths, depths, seed=1):  # of the cell (200, 0.5)
+        seen = []
+        evaluate_passkey(lambda p: seen.append((len(p.ids) <= 200, p.depth, p.key)) or "", tokenizer, lengths, depths,
+                         trials=4, seed=seed)
+        return [key for short, depth, key in seen if short and depth == 0.5]
+
+    alone = keys([200], [0.5])
+    assert len(set(alone)) == 4 and keys([300, 200], [0.0, 0.5]) == alone != keys([200], [0.5], seed=2)
+    wrong = [lambda p: " 12345.", lambda p: f" {read_key(tokenizer, p)}0", lambda p: f" {read_key(tokenizer, p)[:4]}"]
+    for answer in wrong:
+        assert all(c.correct == 0 for c in evaluate_passkey(answer, tokenizer, **cells).values())
 
 
 class CopyingModel(torch.nn.Module):
-    """Reads the key from its context and predicts it token by token: a perfect passkey retriever."""
+    """Reads the key from its context and predicts it, then ``suffix``, token by token: a perfect passkey retriever
+    (or, with a digit in the suffix, one that answers a longer number)."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, suffix: str = ". Remember it."):
         super().__init__()
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.tokenizer, self.vocab_size, self.suffix = tokenizer, vocab_size, suffix
 
     def forward(self, tokens):
         ids = tokens[0].tolist()
         key = re.search(r"pass key is (\d+)", self.tokenizer.decode(ids)).group(1)
-        answer = self.tokenizer.processor.encode(f" {key}.")
+        answer = self.tokenizer.processor.encode(f"{key}{self.suffix}")
         done = max(k for k in range(len(answer)) if k == 0 or ids[-k:] == answer[:k])  # answer tokens already out
         logits = torch.zeros(1, len(ids), self.vocab_size)
         logits[0, -1, answer[done]] = 1.0
@@ -91,32 +149,107 @@ class CopyingModel(torch.nn.Module):
 
 
 class ConstantModel(torch.nn.Module):
-    """Ignores its context: always the same digit."""
+    """Ignores its context: always the same token. Counts its calls."""
 
     def __init__(self, token: int, vocab_size: int):
         super().__init__()
-        self.token, self.vocab_size = token, vocab_size
+        self.token, self.vocab_size, self.calls = token, vocab_size, 0
 
     def forward(self, tokens):
+        self.calls += 1
         logits = torch.zeros(1, tokens.shape[1], self.vocab_size)
         logits[0, -1, self.token] = 1.0
         return logits
 
 
-def test_passkey_accuracy_is_one_for_a_copying_model_and_zero_for_a_constant_one(tokenizer_path):
+def test_greedy_passkey_decoding_scores_a_copying_model_one_and_a_constant_one_zero(tokenizer_path):
     tokenizer = Tokenizer.load(tokenizer_path)
-    cells = dict(lengths=[64, 200], depths=[0.0, 0.5, 1.0], trials=3, seed=1)
+    cells = dict(lengths=[200, 300], depths=[0.0, 0.5, 1.0], trials=2, seed=1, device="cpu")
     copying = passkey_accuracy(CopyingModel(tokenizer, 512), tokenizer, **cells)
-    assert set(copying) == {(n, d) for n in (64, 200) for d in (0.0, 0.5, 1.0)}
-    assert all(a == 1.0 for a in copying.values()), copying
-    constant = passkey_accuracy(ConstantModel(tokenizer.processor.encode("7")[-1], 512), tokenizer, **cells)
-    assert all(a == 0.0 for a in constant.values()), constant
+    assert all(c.accuracy == 1.0 for c in copying.values()), copying
+    overlong = passkey_accuracy(CopyingModel(tokenizer, 512, suffix="0 is it."), tokenizer, **cells)
+    assert all(c.accuracy == 0.0 for c in overlong.values()), overlong
+    constant = ConstantModel(tokenizer.processor.encode("0")[-1], 512)  # no key starts with 0
+    assert all(c.accuracy == 0.0 for c in passkey_accuracy(constant, tokenizer, **cells).values())
+    assert constant.calls == 2 * 3 * 2  # a wrong first digit settles the answer: one forward per trial
 
 
-def test_passkey_decoding_runs_the_real_model(tokenizer_path):
-    tokenizer = Tokenizer.load(tokenizer_path)
-    accuracy = passkey_accuracy(small_model(), tokenizer, [64], [0.5], trials=1, seed=1)
-    assert set(accuracy) == {(64, 0.5)} and accuracy[(64, 0.5)] in (0.0, 1.0)
+def export_with_tokenizer(dataset_path, directory: Path, model=None) -> str:
+    from tape_pretrain.train.export import save_export
+
+    model = model or small_model()
+    save_export(model.state_dict(), model.config, directory, (Path(dataset_path) / "tokenizer.model").read_bytes())
+    return str(directory)
+
+
+def test_eval_passkey_end_to_end_with_a_real_model(dataset_path, tmp_path, capsys):
+    import json
+
+    from tape_pretrain.cli import build_parser, main
+
+    assert build_parser().parse_args(["eval", "x", "--data", "y"]).passkey_trials == 20
+    export = export_with_tokenizer(dataset_path, tmp_path / "export")
+    code = main(["eval", export, "--data", dataset_path, "--lengths", "32", "--max-tokens", "64", "--passkey",
+                 "--passkey-lengths", "200,260", "--passkey-depths", "0,1", "--passkey-trials", "3",
+                 "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Wilson 95% interval], 3 trials per cell" in out
+    assert re.search(r"\| 260 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", out), out
+    cells = json.loads((tmp_path / "out" / "passkey.json").read_text())
+    assert {(c["length"], c["depth"]) for c in cells} == {(200, 0.0), (200, 1.0), (260, 0.0), (260, 1.0)}
+    for c in cells:
+        assert c["trials"] == 3 and c["accuracy"] == c["correct"] / 3
+        assert c["ci95"] == pytest.approx(list(wilson_interval(c["correct"], 3)))
+        assert c["length"] - 13 < c["min_prompt_tokens"] <= c["max_prompt_tokens"] <= c["length"]
+        assert (c["device"], c["dtype"]) == ("cpu", "fp32")
+    assert (tmp_path / "out" / "passkey.png").is_file()
+
+
+def test_eval_in_bf16_on_the_cpu(dataset_path, tmp_path):
+    """bf16 is allowed on the CPU (as trainer.precision): the weights are cast, the loss stays close to fp32's."""
+    import json
+
+    from tape_pretrain.cli import main
+
+    export = export_with_tokenizer(dataset_path, tmp_path / "export")
+    result = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(["eval", export, "--data", dataset_path, "--lengths", "32", "--max-tokens", "256", "--device",
+                     "cpu", "--dtype", dtype, "--passkey", "--passkey-lengths", "200", "--passkey-depths", "0.5",
+                     "--passkey-trials", "1", "--out", str(tmp_path / dtype)]) == 0
+        result[dtype] = json.loads((tmp_path / dtype / "eval.json").read_text())["32"]
+        passkey = json.loads((tmp_path / dtype / "passkey.json").read_text())
+        assert result[dtype]["dtype"] == passkey[0]["dtype"] == dtype
+    assert result["bf16"]["loss"] != result["fp32"]["loss"]
+    assert result["bf16"]["loss"] == pytest.approx(result["fp32"]["loss"], rel=0.02)
+
+
+def test_auto_placement_is_the_training_device():
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    assert eval_placement() == (torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if bf16 else torch.float32)
+    assert eval_placement("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "--device 'tpu': use auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "--device cuda: torch .* cannot use CUDA here"),
+    (["--dtype", "fp16"], "--dtype 'fp16': use auto, fp32 or bf16"),
+    (["--passkey", "--passkey-lengths", "100"], "--passkey-lengths: passkey length 100 is too short"),
+    (["--passkey", "--passkey-depths", "0.5,1.5"], "depths in \\[0, 1\\]"),
+    (["--passkey", "--passkey-trials", "0"], "--passkey-trials 0 must be positive"),
+])
+def test_bad_eval_device_dtype_and_passkey_flags_are_one_clear_error(dataset_path, tmp_path, capsys, flags, message):
+    from tape_pretrain.cli import main
+
+    if flags == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    export = export_with_tokenizer(dataset_path, tmp_path / "export")
+    code = main(["eval", export, "--data", dataset_path, "--lengths", "32", "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "out" / "eval.json").exists()
 
 
 @pytest.mark.parametrize("name", ["tape", "rope"])

@@ -2,7 +2,6 @@
 activations, as FSDP2's param_dtype (with cast_forward_inputs) and DeepSpeed's bf16 mode compute."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ def model_for(name: str, max_seq_len: int = 1024, num_heads: int = 4):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=None, vocab_size=128, hidden_size=8 * num_heads, num_layers=2,
                                     num_heads=num_heads, ffn_hidden_size=64, max_seq_len=max_seq_len,
-                                    positional=PositionalConfig(name=name))).eval()
+                                    # RandPE at its draw-free eval positions (2i), which truth_state can write
+                                    positional=PositionalConfig(name=name, randrope_eval="expected"))).eval()
     with torch.no_grad():  # away from the zero init, so that every positional path carries signal
         for layer in model.layers:
             # sharp attention (std 0.02 leaves it nearly uniform, where positions barely move the logits)
@@ -54,24 +54,18 @@ def truth_state(name: str, n: int, heads: int, head_dim: int, base: float = 1000
     positions = torch.arange(n, dtype=torch.float64)[:, None]  # [N, 1]
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [F]
     cos, sin = (positions * theta).cos(), (positions * theta).sin()  # [N, F]
-    if name in ("rope", "randrope"):  # RandPE evaluates at 0..N-1 in eval mode
+    if name == "rope":
         return cos[None, None], sin[None, None]
+    if name == "randrope":  # model_for's randrope_eval=expected: positions 2i in eval mode
+        return (2 * positions * theta).cos()[None, None], (2 * positions * theta).sin()[None, None]
     if name == "tape":
         return torch.cat((cos, sin), -1).expand(1, heads, n, head_dim)
     if name == "xpos":
         zeta = (torch.arange(0, head_dim, 2, dtype=torch.float64) + 0.4 * head_dim) / (1.4 * head_dim)
         scale = zeta ** (positions / xpos_scale)
         return tuple(t[None, None] for t in (cos * scale, sin * scale, cos / scale, sin / scale))
-    if name == "alibi":  # 2^(-8(h+1)/H) for the closest power of two below H, then every other slope of twice it
-        closest = 2 ** math.floor(math.log2(heads))
-        slopes = [2.0 ** (-8.0 * (h + 1) / closest) for h in range(closest)]
-        slopes += [2.0 ** (-8.0 * (h + 1) / (2 * closest)) for h in range(0, 2 * closest, 2)][:heads - closest]
-        slopes = torch.tensor(slopes, dtype=torch.float64)
-        distance = positions - positions.T  # i - j
-        bias = (-slopes[:, None, None] * distance.abs()).masked_fill(distance < 0, float("-inf"))
-        return bias[None]
-    if name == "fire":
-        return torch.arange(n), torch.full((n, n), float("-inf")).triu(1)
+    if name in ("alibi", "fire"):  # integer positions: each layer builds its bias from them per block of queries
+        return torch.arange(n)  # (the bias a bf16 block builds: tests/models/test_linear_memory.py)
     return None
 
 
@@ -134,7 +128,7 @@ def test_fire_distances_stay_exact_at_8192_in_a_bf16_model():
     distance 0. Built from the state an engine hands a bf16 block, the last query's bias must be the fp64 one."""
     n = 8192
     low = as_engines_compute_bf16(model_for("fire", max_seq_len=n))
-    positions, _ = tree_map(_to_bf16, low.positional.initial_state(1, n, "cpu", torch.bfloat16))
+    positions = tree_map(_to_bf16, low.positional.initial_state(1, n, "cpu", torch.bfloat16))
     assert torch.equal(positions, torch.arange(n))
     layer = low.layers[0].positional
     tail = positions[-8:]  # queries 8184..8191 against keys 8184..8191

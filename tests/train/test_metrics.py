@@ -46,6 +46,85 @@ def test_empty_val_split_warns_once_at_start(tmp_path, corpus_dir, tokenizer_pat
     assert out.index("no val_loss will be logged") < out.index("step 1/")
 
 
+@pytest.mark.slow
+def test_val_loss_at_several_lengths(tmp_path, dataset_path):
+    """trainer.eval_length_multipliers: val_loss@N beside val_loss, each the loss of the final weights over the same
+    val tokens cut into windows of N (the reference here reads the split and the export independently)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from tape_pretrain.data.cache import cache_split
+    from tape_pretrain.data.manifest import load_manifest
+    from tape_pretrain.train.export import load_export_model
+    from tests.helpers import run, train_command, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
+        "trainer.max_steps": 3, "trainer.eval_interval": 2, "trainer.eval_batches": 1, "trainer.micro_batch_size": 8,
+        "trainer.eval_length_multipliers": [1, 2, 4], "parallel.engine": "ddp"})
+    run(train_command(0, cfg))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 3]  # the interval and the last step
+    for r in evals:
+        assert {"val_loss@64", "val_loss@128", "val_loss@256"} <= r.keys()
+        assert all(math.isfinite(r[k]) for k in r if k.startswith("val_loss"))
+        assert r["val_loss@64"] == r["val_loss"]
+        assert len({r["val_loss@64"], r["val_loss@128"], r["val_loss@256"]}) == 3
+    assert not any(k.startswith("val_loss@") for r in records if "loss" in r for k in r)
+
+    manifest, fingerprint = load_manifest(dataset_path)
+    split = cache_split(dataset_path, manifest, fingerprint, "val", str(tmp_path / "cache"))
+    tokens = torch.from_numpy(np.concatenate([np.fromfile(s.path, dtype=manifest.dtype) for s in split.shards])
+                              .astype(np.int64))[:8 * 64 + 1]  # eval_batches x micro_batch_size windows of 64
+    model = load_export_model(str(tmp_path / "run" / "export"))
+    for n in (64, 128, 256):
+        windows = torch.stack([tokens[i:i + n + 1] for i in range(0, 8 * 64, n)])  # the same 512 tokens
+        with torch.no_grad():
+            logits = model(windows[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+        assert loss == pytest.approx(evals[-1][f"val_loss@{n}"], rel=1e-5), n
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.eval_length_multipliers=[1, 0]"], "must be positive integers, got 0"),
+    (["trainer.eval_length_multipliers=[16]", "trainer.eval_batches=1", "trainer.micro_batch_size=8"],
+     r"16 x seq_len is longer than the 8 windows .* raise trainer.eval_batches to at least 2"),
+])
+def test_bad_eval_length_multipliers_are_config_errors(overrides, message):
+    from tape_pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    load_config(None, ["trainer.eval_length_multipliers=[16]", "trainer.eval_batches=0"])  # no evaluation at all
+
+
+def test_an_eval_length_longer_than_the_val_split_is_refused_at_start(tmp_path, dataset_path):
+    from types import SimpleNamespace
+
+    from tape_pretrain.config import ConfigError, load_config
+    from tape_pretrain.data.cache import cache_split
+    from tape_pretrain.data.loader import TokenWindows
+    from tape_pretrain.data.manifest import load_manifest
+    from tape_pretrain.train.trainer import Trainer
+
+    manifest, fingerprint = load_manifest(dataset_path)
+    split = cache_split(dataset_path, manifest, fingerprint, "val", str(tmp_path / "cache"))
+    seq_len, ranks = 64, 2
+    fits = (split.num_tokens - 1) // (seq_len * ranks)  # the longest multiple with a window for each of 2 ranks
+    config = load_config(None, [f"data.path={dataset_path}", f"trainer.seq_len={seq_len}", "trainer.eval_batches=999",
+                                f"trainer.eval_length_multipliers=[1, {fits}, {fits + 1}]"])
+    trainer = SimpleNamespace(config=config, env=SimpleNamespace(world_size=ranks),
+                              val_windows=TokenWindows(split, manifest.dtype, seq_len))
+    with pytest.raises(ConfigError, match=rf"{fits + 1} x seq_len = {(fits + 1) * seq_len} tokens needs 2 window"):
+        Trainer._length_windows(trainer, split, manifest.dtype)
+    config.trainer.eval_length_multipliers = [1, fits]
+    windows = Trainer._length_windows(trainer, split, manifest.dtype)
+    assert list(windows) == [seq_len, fits * seq_len] and windows[seq_len] is trainer.val_windows
+    assert windows[fits * seq_len].num_windows >= ranks
+
+
 @pytest.mark.parametrize("device_name, tflops", [
     ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
     ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA B200", 2250), ("NVIDIA L40", 181),

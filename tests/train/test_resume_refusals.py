@@ -127,7 +127,7 @@ CHANGES = {  # id: (overrides, the allow_changes entry that waives it, what the 
     "model-shape": (["model.num_layers=3"], "model", "the checkpoint's model differs in num_layers "),
     "model-width": (["model.hidden_size=128", "model.ffn_hidden_size=256"], "model",
                     "the checkpoint's model differs in ffn_hidden_size, hidden_size "),
-    "encoding": (["model.positional.name=rope"], "model", "the checkpoint's model differs in positional "),
+    "encoding": (["model.positional.name=rope"], "model", "the checkpoint's model differs in positional.name "),
     "global-batch": (["trainer.global_batch_tokens=4096"], "batch",
                      "the checkpoint used global_batch_tokens=2048 seq_len=64; this run differs "
                      "(add 'batch' to checkpoint.allow_changes if intended)"),

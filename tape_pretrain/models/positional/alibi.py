@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer, attention
+from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer
+from tape_pretrain.models.positional.blocked_bias import attention_in_query_blocks
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -23,9 +24,45 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float64)
 
 
+def alibi_distance_table(slopes: torch.Tensor, num_distances: int, dtype: torch.dtype) -> torch.Tensor:
+    """[H, num_distances + 1] of ``dtype``: -m_h d for the distances d = 0 .. num_distances - 1, then -inf.
+
+    Products of float64 slopes and integer distances in float64, cast once (a bf16 slope or distance would round
+    before the product); the -inf entry is the causal mask."""
+    distances = torch.arange(num_distances, dtype=torch.float64, device=slopes.device)
+    table = -slopes.to(torch.float64)[:, None] * distances  # [H, num_distances]
+    return torch.cat((table, torch.full_like(table[:, :1], float("-inf"))), dim=1).to(dtype)
+
+
+def alibi_bias(table: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
+               causal: bool) -> torch.Tensor:
+    """[1, H, Nq, Nk] bias -m_h |i - j| (-inf where j > i if ``causal``) looked up in an alibi_distance_table for
+    integer positions; every |i - j| must be below its num_distances. Equal to computing each entry in float64 and
+    casting it, at the cost of one gather per head."""
+    index = query_positions[:, None] - key_positions[None, :]  # [Nq, Nk] integer distances i - j
+    index = index.masked_fill_(index < 0, table.shape[1] - 1) if causal else index.abs_()
+    return table[:, index].unsqueeze(0)
+
+
 class ALiBiLayer(PositionalLayer):
-    def attend(self, q, k, v, state, causal):
-        return attention(q, k, v, causal, bias=state), state
+    """Attention with the bias built per block of queries (models.positional.blocked_bias): memory linear in N."""
+
+    def attend(self, q, k, v, positions, causal):
+        # Slopes rebuilt here, not a buffer: model.to(bf16) would round them. Positions are consecutive, so every
+        # distance is below N.
+        table = alibi_distance_table(alibi_slopes(q.shape[1]).to(q.device), positions.shape[0], q.dtype)
+
+        def block_bias(start, stop, num_keys):
+            return alibi_bias(table, positions[start:stop], positions[:num_keys], causal)
+
+        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size())
+        return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair), positions
+
+    @staticmethod
+    def bias_bytes_per_pair(num_heads: int, dtype_bytes: int) -> int:
+        """Live bytes per (query, key) pair while a block's bias is built: the int64 index and its mask, the bias
+        per head."""
+        return 9 + num_heads * dtype_bytes
 
 
 class ALiBi(PositionalEncoding):
@@ -33,11 +70,7 @@ class ALiBi(PositionalEncoding):
     layer_class = ALiBiLayer
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
-        # Shift invariant by construction, so the offset does not enter. The state is the bias itself, built in
-        # float64 from integer distances once per forward and shared by every layer: [1, H, N, N].
-        n = torch.arange(seq_len, device=device)
-        distance = n[:, None] - n[None, :]
-        slopes = alibi_slopes(self.num_heads).to(device)
-        bias = -slopes[:, None, None] * distance.abs().to(torch.float64)
-        bias = bias.masked_fill(distance < 0, float("-inf")) if causal else bias
-        return bias.to(dtype).unsqueeze(0)
+        # Integer positions [N], from which each layer builds its bias one block of queries at a time (a [1, H, N, N]
+        # state made memory quadratic in N). Integers, so that an engine's cast of a block's floating-point inputs
+        # to bf16 leaves them exact. Shift invariant: the offset cancels in every distance.
+        return torch.arange(offset, offset + seq_len, device=device)  # [N] int64

@@ -6,12 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tape_pretrain.models.positional.base import (
-    PositionalEncoding,
-    PositionalLayer,
-    attention,
-    causal_mask_bias,
-)
+from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer
+from tape_pretrain.models.positional.blocked_bias import attention_in_query_blocks
 
 NORMALISER_EPS = 1e-6
 """The official FIRE code's epsilon in the normaliser: keeps psi(max(i, L~)) away from 0 when c or L~ reach 0."""
@@ -34,33 +30,60 @@ class FIRELayer(PositionalLayer):
             return torch.ones(shape)
         return None  # the MLP: normal weights, zero biases (the model-wide rule)
 
-    def bias(self, positions: torch.Tensor, causal_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """[1, H, N, N] additive bias of ``dtype`` for integer positions [N].
+    def bias(self, positions: torch.Tensor, key_positions: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32, causal: bool = False) -> torch.Tensor:
+        """[1, H, Nq, Nk] additive bias of ``dtype`` for integer query positions [Nq] and key positions [Nk] (the
+        query positions when None); -inf where the key comes after the query if ``causal``.
 
         Distances, the normaliser and the MLP run in fp32 (fp64 in an fp64 model) whatever the parameters' dtype
         (bf16 under the engines' mixed precision): in bf16 only 513 of the positions 0..1023 are distinct. Only
         the bias is cast.
         """
+        key_positions = positions if key_positions is None else key_positions
+        return self._bias(self._work_parameters(), positions, key_positions, dtype, causal)
+
+    def _work_parameters(self) -> tuple[torch.Tensor, ...]:
+        """c, lambda and the MLP's weights in the work dtype: fp32, or fp64 in an fp64 model."""
         work = torch.promote_types(self.c.dtype, torch.float32)
-        c, threshold = self.c.to(work), self.threshold.to(work)
+        first, second = self.mlp[0], self.mlp[2]
+        return tuple(p.to(work) for p in (self.c, self.threshold, first.weight, first.bias, second.weight,
+                                          second.bias))
+
+    def _bias(self, parameters, positions, key_positions, dtype, causal) -> torch.Tensor:
+        c, threshold, first_weight, first_bias, second_weight, second_bias = parameters
+        work = c.dtype
 
         def psi(x):
             return torch.log(torch.abs(c * x) + 1)
 
-        distance = (positions[:, None] - positions[None, :]).to(work)  # exact: integers below 2^24
+        distance = (positions[:, None] - key_positions[None, :]).to(work)  # exact: integers below 2^24
         limit = torch.maximum(positions.to(work), torch.abs(threshold * self.threshold_scale))  # max(i, L~)
-        normalised = psi(distance) / (psi(limit)[:, None] + NORMALISER_EPS)  # [N, N]
-        first, second = self.mlp[0], self.mlp[2]
-        hidden = F.relu(F.linear(normalised.unsqueeze(-1), first.weight.to(work), first.bias.to(work)))
-        bias = F.linear(hidden, second.weight.to(work), second.bias.to(work)).permute(2, 0, 1)  # [H, N, N]
-        bias = bias.to(dtype)
-        if causal_mask is not None:
-            bias = bias + causal_mask
+        normalised = psi(distance) / (psi(limit)[:, None] + NORMALISER_EPS)  # [Nq, Nk]
+        # ReLU in place (the first linear's backward needs its input, not its output) on the 2D matmul result: on a
+        # view of it, autograd would copy the whole hidden layer back in the backward.
+        hidden = F.relu(F.linear(normalised.reshape(-1, 1), first_weight, first_bias), inplace=True)  # [Nq * Nk, W]
+        bias = F.linear(hidden, second_weight, second_bias)  # [Nq * Nk, H]
+        bias = bias.view(*normalised.shape, -1).permute(2, 0, 1).to(dtype)  # [H, Nq, Nk]
+        if causal:
+            bias = bias.masked_fill(distance < 0, float("-inf"))
         return bias.unsqueeze(0)
 
-    def attend(self, q, k, v, state, causal):
-        positions, causal_mask = state
-        return attention(q, k, v, causal, bias=self.bias(positions, causal_mask, q.dtype)), state
+    def attend(self, q, k, v, positions, causal):
+        # Cast once for all blocks: a bf16 parameter's gradient then sums the blocks' shares in fp32 and rounds once.
+        parameters = self._work_parameters()
+
+        def block_bias(start, stop, num_keys):
+            return self._bias(parameters, positions[start:stop], positions[:num_keys], q.dtype, causal)
+
+        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), parameters[0].element_size())
+        return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair), positions
+
+    def bias_bytes_per_pair(self, num_heads: int, dtype_bytes: int, work_bytes: int) -> int:
+        """Live bytes per (query, key) pair while a block's bias is built, in the work dtype: the distance, psi's
+        temporaries and the normalised distance; the MLP's hidden layer (and its gradient in the backward) and its
+        output per head; then per head the cast and the masked bias."""
+        width = self.mlp[0].out_features
+        return work_bytes * (4 + 2 * width + num_heads) + 2 * num_heads * dtype_bytes
 
 
 class FIRE(PositionalEncoding):
@@ -74,8 +97,9 @@ class FIRE(PositionalEncoding):
         # Integer positions: an engine casts floating-point block inputs to the compute dtype (FSDP2's
         # cast_forward_inputs), which would round them. FIRE is relative only below L~: psi(max(i, L~)) depends on
         # the absolute query position i once i exceeds L~, so the offset is applied, not dropped.
-        positions = torch.arange(offset, offset + seq_len, device=device)  # [N] int64
-        return positions, (causal_mask_bias(seq_len, device, dtype) if causal else None)
+        # Each layer builds its bias one block of queries at a time from these (models.positional.blocked_bias): a
+        # [N, N] causal mask in the state made memory quadratic in N.
+        return torch.arange(offset, offset + seq_len, device=device)  # [N] int64
 
     def extra_forward_flops_per_token(self, seq_len):
         width = self.config.positional.fire_mlp_width

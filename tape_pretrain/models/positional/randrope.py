@@ -1,5 +1,26 @@
-"""RandPE (randomised RoPE): during training, each row uses a sorted random subset of N distinct
-positions from [0, max_len), resampled every forward; in eval it uses 0..N-1."""
+"""RandPE (randomised RoPE, TAPE.md section 7): RoPE at a sorted random subset of N distinct positions.
+
+Training: each row draws its own subset of [0, M), M = model.positional.randrope_max_len (2 x model.max_seq_len by
+default), anew every forward, from the global generator (the trainer seeds it per rank).
+
+Evaluation (``model.eval()``) keeps the training distribution of distances rather than using 0..N-1, which would
+halve every distance the model saw (neighbours sit about M / max_seq_len = 2 apart in training): at length N the
+range scales with N, R = floor(N x M / max_seq_len), which is the official code's [0, 2 N_eval) at the default M
+(TAPE.md section 7). ``model.positional.randrope_eval`` chooses how:
+
+- ``sample`` (default, as the official code): each row draws N sorted distinct positions from [0, R), as in
+  training, from a CPU generator seeded with ``randrope_eval_seed`` at every forward. Eval mode therefore never
+  touches the global RNG and is a deterministic function of its input, on any device (row b of a batch of length N
+  always gets the same draw, whatever the batch size): an evaluation is reproducible, and its mean loss averages
+  over the draws of the rows of a batch (per-draw averaging needs no separate pass).
+- ``expected``: the evenly spaced positions floor(i R / N), i.e. 2i at the default M: the mean training gap,
+  without a draw.
+
+Draws are per row and shared by every layer, in training and evaluation, where the official code draws per layer
+(one set of positions for the whole batch in each layer). Per row follows the definition of randomised positional
+encodings (one ordered sample of positions per sequence, so every layer sees a token at the same position) and this
+package's design (an encoding builds one initial state per forward; layers only read it).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +30,35 @@ from tape_pretrain.config import ConfigError
 from tape_pretrain.models.positional.rope import RoPE
 
 
+def sorted_random_positions(batch_size: int, seq_len: int, limit: int, device=None, generator=None) -> torch.Tensor:
+    """[B, N] int64: per row, N distinct integers from [0, limit) in increasing order, uniformly over the subsets."""
+    scores = torch.rand(batch_size, limit, device=device, generator=generator)
+    return scores.topk(seq_len, dim=-1).indices.sort(dim=-1).values
+
+
 class RandRoPE(RoPE):
     name = "randrope"
 
     def __init__(self, config):
         super().__init__(config)
-        self.max_len = config.positional.randrope_max_len or 2 * config.max_seq_len
+        p = config.positional
+        self.max_len = p.randrope_max_len or 2 * config.max_seq_len
+        self.train_len = config.max_seq_len or self.max_len // 2  # the length whose gap M / L evaluation keeps
+        self.eval_mode, self.eval_seed = p.randrope_eval, p.randrope_eval_seed
+
+    def eval_range(self, seq_len: int) -> int:
+        """R: eval-mode positions lie in [0, R) at length seq_len (2 x seq_len at the default max_len)."""
+        return max(seq_len, seq_len * self.max_len // self.train_len)
 
     def positions(self, batch_size, seq_len, device, offset):
         if not self.training:
-            return super().positions(batch_size, seq_len, device, offset)
+            limit = self.eval_range(seq_len)
+            if self.eval_mode == "expected":
+                return (torch.arange(seq_len, device=device) * limit // seq_len + offset).unsqueeze(0)  # [1, N]
+            # on the CPU: the same positions on every device, and no generator state that outlives the call
+            generator = torch.Generator().manual_seed(self.eval_seed)
+            return sorted_random_positions(batch_size, seq_len, limit, generator=generator).to(device) + offset
         if seq_len > self.max_len:
             raise ConfigError(f"randrope: sequence length {seq_len} exceeds model.positional.randrope_max_len="
                               f"{self.max_len}")
-        scores = torch.rand(batch_size, self.max_len, device=device)
-        return scores.topk(seq_len, dim=-1).indices.sort(dim=-1).values + offset  # [B, N]
+        return sorted_random_positions(batch_size, seq_len, self.max_len, device) + offset  # [B, N]

@@ -3,6 +3,10 @@
 The state is Z = c + i s per head and frequency, stored fused as cs = [c | s]: [B, H, N, 2F].
 At layer 0, Z_{n,f} = exp(i (n + k) theta_f), so with the update weights at their zero init the
 model is exactly a RoPE Llama.
+
+The paper's ablation switches either update off (model.positional.tape_attention_update, tape_mlp_update): the
+state then passes that sub-block unchanged and the update's weights do not exist. With both off the state never
+moves whatever the weights, so the model is RoPE's (same parameter names, same logits, bitwise), not only at init.
 """
 
 from __future__ import annotations
@@ -97,13 +101,19 @@ class TAPEPositionMLP(nn.Module):
 
 
 class TAPELayer(PositionalLayer):
+    """Attention with the state, then the attention-side and MLP-side updates of the state.
+
+    An update switched off (model.positional.tape_attention_update / tape_mlp_update, the paper's ablation) passes
+    the state through its sub-block unchanged, and its weights are not created at all: they are neither counted,
+    trained, decayed nor checkpointed, and the backbone's weights (a function of seed and name) do not change."""
+
     def __init__(self, hidden_size: int, num_heads: int, position_size: int, is_last: bool,
-                 attention_form: str = "auto"):
+                 attention_form: str = "auto", attention_update: bool = True, mlp_update: bool = True):
         super().__init__()
         self.attention_form = attention_form  # model.positional.tape_attention, resolved per call and device
         # gamma_h is the row sum of this H x H matrix, kept as a matrix to match the official optimizer dynamics.
-        self.post_attention_linear = nn.Linear(num_heads, num_heads, bias=False)
-        self.pe = TAPEPositionMLP(hidden_size, num_heads, position_size)
+        self.post_attention_linear = nn.Linear(num_heads, num_heads, bias=False) if attention_update else None
+        self.pe = TAPEPositionMLP(hidden_size, num_heads, position_size) if mlp_update else None
         self.is_last = is_last  # the last layer's state update is never read: skip it
         if is_last:
             # Kept for the official layout and parameter count, but frozen: a parameter that never gets a
@@ -119,7 +129,7 @@ class TAPELayer(PositionalLayer):
     def attend(self, q, k, v, cs, causal):
         c, s = cs.chunk(2, dim=-1)
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
-        if self.is_last:
+        if self.is_last or self.post_attention_linear is None:
             return attention(q, k, v, causal), cs
         if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1], q.shape[-2], causal) == "one_call":
             value = torch.cat((v, cs), dim=-1)  # [B, H, N, 2D]
@@ -135,7 +145,7 @@ class TAPELayer(PositionalLayer):
         return out, cs + gamma[:, None, None].to(cs.dtype) * moved
 
     def after_mlp(self, mlp_out, cs):
-        if self.is_last:
+        if self.is_last or self.pe is None:
             return cs
         return cs + self.pe(mlp_out, cs)
 
@@ -152,7 +162,8 @@ class TAPE(PositionalEncoding):
     def make_layer(self, layer_idx):
         c = self.config
         return TAPELayer(c.hidden_size, c.num_heads, self.position_size, is_last=layer_idx == c.num_layers - 1,
-                         attention_form=c.positional.tape_attention)
+                         attention_form=c.positional.tape_attention,
+                         attention_update=c.positional.tape_attention_update, mlp_update=c.positional.tape_mlp_update)
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
         if self.random_offset and self.training:
@@ -172,4 +183,5 @@ class TAPE(PositionalEncoding):
         updating_layers = c.num_layers - 1
         attention_side = 2 * seq_len * d  # A @ [c|s], as wide as A @ v
         mlp_side = 2 * d * i + 2 * h * h * i + 2 * h * h * self.head_dim  # x_proj, collapse M, apply M
-        return updating_layers * (attention_side + mlp_side)
+        p = c.positional
+        return updating_layers * (attention_side * p.tape_attention_update + mlp_side * p.tape_mlp_update)
