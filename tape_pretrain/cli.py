@@ -70,9 +70,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from tape_pretrain.study.runner import run_study
+    from tape_pretrain.study.runner import StudyRunsFailed, run_study
 
-    run_study(args.study, args.overrides, dry_run=args.dry_run)
+    try:
+        run_study(args.study, args.overrides, dry_run=args.dry_run)
+    except StudyRunsFailed as exc:  # the other runs ran and RESULTS.md was written: not a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def cmd_doctor(args) -> None:

@@ -243,7 +243,8 @@ def activation_bytes(model, micro_batch_size: int, seq_len: int, dtype_bytes: in
     block_backward = 3 * s * t * c.ffn_hidden_size + 2 * s * e
     if not activation_checkpointing:
         return other + sum(layers) + max(head + loss_gradients, block_backward)
-    state_per_block = s * e if c.positional.name == "tape" else 0  # TAPE's [B,H,N,D] state enters every block
+    # TAPE's [B,H,N,D] state enters every block, a new one per block once it moves (else one tensor, in other)
+    state_per_block = s * e if _tape_state_moves(c) else 0
     inputs = num_layers * (s * e + state_per_block)
     return other + inputs + max(head + loss_gradients, max(layers) + block_backward)
 
@@ -260,22 +261,27 @@ def layer_saved_bytes(model, layer: int, micro_batch_size: int, seq_len: int, dt
     attention = 4 * s * e + lse  # q, k, v and the output, saved by SDPA
     mlp = 4 * s * t * c.ffn_hidden_size  # gate, silu(gate), up, and their product (down_proj's input)
     saved = norms + attention + mlp
-    name = c.positional.name
+    p = c.positional
+    name = p.name
     if name in ROTARY:
         saved += s * e  # a rotated q makes SDPA's output [B,H,N,D]-contiguous: merging the heads copies it
-    if name == "tape":
+    if _tape_state_moves(c):  # a state that never moves is one tensor: shared_state_bytes
         saved += s * e  # the state [c|s], saved by the rotation
         if layer > 0:
             saved += 2 * s * e  # once the state depends on parameters, the rotation saves the projected q and k
-        if layer < c.num_layers - 1:  # the state update (skipped in the last layer)
-            i = model.positional.position_size
-            saved += 3 * s * e + lse  # A @ [c|s], its state copy in the head mix, the MLP output read by the update
-            if resolve_attention_form(c.positional.tape_attention, "cuda", d // h, n) == "one_call":
+    if name == "tape" and layer < c.num_layers - 1:  # the state updates (skipped in the last layer)
+        if p.tape_attention_update:
+            saved += s * e + lse + s * h  # A @ [c|s] and its log-sum-exp, gamma
+            if resolve_attention_form(p.tape_attention, "cuda", d // h, n) == "one_call":
                 # one SDPA call saves the concatenated value [v|c|s] (v and [c|s] are not saved on their own) and
                 # one log-sum-exp: v's bytes once more, one lse less
                 saved += s * e - lse
-            saved += s * t * (2 * i + h * i + h * h)  # x_proj, silu, the [B,N,H,I] product, the [B,N,H,H] mix
-            saved += s * h  # gamma
+        if p.tape_mlp_update:
+            i = model.positional.position_size
+            # the MLP output read by x_proj, the state's copy in the head mix; x_proj, silu, the [B,N,H,I] product
+            saved += 2 * s * e + s * t * (2 * i + h * i)
+            if layer > 0 or p.tape_attention_update:
+                saved += s * t * h * h  # the [B,N,H,H] mix: saved only for a state that depends on parameters
     if name in ("alibi", "fire"):  # attention with the bias built per block of queries (blocked_bias)
         positional = model.layers[layer].positional
         pair_bytes = (positional.bias_bytes_per_pair(h, s) if name == "alibi"
@@ -291,7 +297,7 @@ def layer_saved_bytes(model, layer: int, micro_batch_size: int, seq_len: int, dt
 
 
 def shared_state_bytes(model, micro_batch_size: int, seq_len: int, dtype_bytes: int) -> int:
-    """Saved positional tensors shared by every layer: rotary tables."""
+    """Saved positional tensors shared by every layer: rotary tables, or TAPE's state where no update moves it."""
     c = model.config
     n, s, head_dim = seq_len, dtype_bytes, c.hidden_size // c.num_heads
     name = c.positional.name
@@ -301,4 +307,12 @@ def shared_state_bytes(model, micro_batch_size: int, seq_len: int, dtype_bytes: 
         return 2 * micro_batch_size * n * (head_dim // 2) * s  # per-row positions: [B,1,N,F]
     if name == "xpos":
         return 4 * n * (head_dim // 2) * s
-    return 0  # tape's state is counted per layer; ALiBi's and FIRE's biases too; nope has none
+    if name == "tape" and not _tape_state_moves(c):  # both updates off: every layer reads the initial state
+        return micro_batch_size * n * c.hidden_size * s  # [B,H,N,2F]
+    return 0  # a moving TAPE state is counted per layer; ALiBi's and FIRE's biases too; nope has none
+
+
+def _tape_state_moves(config: ModelConfig) -> bool:
+    """Whether TAPE's state changes from layer to layer: one of its updates is on (model.positional.tape_*_update)."""
+    p = config.positional
+    return p.name == "tape" and (p.tape_attention_update or p.tape_mlp_update)

@@ -18,14 +18,19 @@ from tape_pretrain.distributed.engine import lm_loss
 from tape_pretrain.inspect_model import format_bytes
 from tape_pretrain.memory_plan import DEEPSPEED_BUCKET_ELEMENTS, plan_memory, saved_bytes
 from tape_pretrain.models import build_model
+from tests.models.test_tape_ablation import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_config(name: str, tape_attention: str = "two_calls", **shape) -> ModelConfig:
+def model_config(name: str, tape_attention: str = "two_calls", tape_variant: str = "full", **shape) -> ModelConfig:
     """Measured on the CPU: TAPE in two calls, each on SDPA's fused kernel as on a GPU (CPU's one-call form is a
-    blocked attention of its own, not what the plan models; the GPU's one call is checked in a test of its own)."""
-    return ModelConfig(preset=None, positional=PositionalConfig(name=name, tape_attention=tape_attention), **shape)
+    blocked attention of its own, not what the plan models; the GPU's one call is checked in a test of its own).
+    ``tape_variant``: which of TAPE's updates are on (a key of test_tape_ablation's VARIANTS)."""
+    attention_update, mlp_update = VARIANTS[tape_variant]
+    positional = PositionalConfig(name=name, tape_attention=tape_attention, tape_attention_update=attention_update,
+                                  tape_mlp_update=mlp_update)
+    return ModelConfig(preset=None, positional=positional, **shape)
 
 
 @pytest.fixture
@@ -37,15 +42,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# (encoding, TAPE's updates): every encoding, and TAPE with its attention update, its MLP update or both switched off
+# (each saves less, and with both off the state is one tensor that every layer reads).
 # FIRE is left out: on the CPU, SDPA cannot differentiate a mask inside its fused kernel and falls back to the math
 # kernel, which saves [B,H,N,N] probabilities; the plan follows the fused GPU kernels, which save the mask instead.
+ENCODINGS = [(name, "full") for name in ("tape", "rope", "nope", "alibi", "xpos", "randrope")] + [
+    ("tape", variant) for variant in VARIANTS if variant != "full"]
+
+
 @pytest.mark.parametrize("num_layers", [1, 3])  # TAPE's first, middle and last layers differ
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["tape", "rope", "nope", "alibi", "xpos", "randrope"])
-def test_saved_activations_are_what_autograd_saves(name, dtype, num_layers, one_thread):
+@pytest.mark.parametrize("name, tape_variant", ENCODINGS,
+                         ids=[name if variant == "full" else f"tape-{variant}" for name, variant in ENCODINGS])
+def test_saved_activations_are_what_autograd_saves(name, tape_variant, dtype, num_layers, one_thread):
     batch, seq_len = 2, 48
-    model = build_model(model_config(name, vocab_size=300, hidden_size=64, num_layers=num_layers, num_heads=4,
-                                     ffn_hidden_size=160, max_seq_len=seq_len)).to(dtype)
+    model = build_model(model_config(name, tape_variant=tape_variant, vocab_size=300, hidden_size=64,
+                                     num_layers=num_layers, num_heads=4, ffn_hidden_size=160,
+                                     max_seq_len=seq_len)).to(dtype)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}  # storage -> bytes: views of one tensor count once, parameters not at all
 
@@ -197,6 +210,10 @@ def test_tape_in_one_call_saves_the_joint_value_and_one_log_sum_exp():
     e, lse = b * n * 64, 4 * b * 4 * n
     assert layer_saved_bytes(one, 0, b, n, s) - layer_saved_bytes(two, 0, b, n, s) == s * e - lse
     assert layer_saved_bytes(one, 2, b, n, s) == layer_saved_bytes(two, 2, b, n, s)  # the last layer: one call
+    with torch.device("meta"):  # without the attention update every layer attends to v alone: the form is moot
+        one, two = (build_model(model_config("tape", form, "no_attention_update", **shape))
+                    for form in ("auto", "two_calls"))
+    assert layer_saved_bytes(one, 0, b, n, s) == layer_saved_bytes(two, 0, b, n, s)
 
 
 def test_frozen_parameters_get_no_gradients_or_optimizer_state():

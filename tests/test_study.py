@@ -84,6 +84,16 @@ def test_flops_budget_matches_the_rope_run(tmp_path):
     assert flops["nope"][1].steps == flops["rope"][1].steps
 
 
+def test_flops_budget_with_a_token_curriculum_is_within_half_a_step(tmp_path):
+    """Phases fixed in tokens: the short-window phase is a larger share of a shorter run, so FLOPs per step depend
+    on the step count and one division misses the target by steps."""
+    phases = [{"seq_len": 16, "until_tokens": 150 * 512}, {"seq_len": 32}]
+    plans = budgets(budget_spec("flops", **{"curriculum.phases": phases}), tmp_path)
+    target = plans["rope"][1].flops
+    for encoding, (_, budget) in plans.items():
+        assert abs(budget.flops - target) <= budget.flops / budget.steps / 2, encoding
+
+
 def test_training_flops_follow_the_curriculum(tmp_path):
     spec = budget_spec("tokens")
     config, budget = plan_run(spec, spec.runs()[1], tmp_path, "unused", 256)
@@ -171,6 +181,10 @@ def test_training_seconds_sum_the_logged_windows():
 def test_study_spec_errors(tmp_path):
     for change, message in (({"baseline": "fire"}, "study.baseline"), ({"seeds": [1, 1]}, "study.seeds"),
                             ({"slurm": {"signal": "B:KILL@60"}}, "study.slurm.signal"),
+                            ({"slurm": {"signal": "B:TERM@60"}}, "study.slurm.signal"),  # SLURM's own on preemption
+                            ({"name": "x\nscancel -u $USER"}, "study.name"), ({"name": ".."}, "study.name"),
+                            ({"sizes": [{"name": "../a", "model": SMALL}]}, r"study.sizes\[0\].name"),
+                            ({"sizes": [{"name": "a/b", "model": SMALL}]}, r"study.sizes\[0\].name"),
                             ({"slurm": {"time": "one day"}}, "study.slurm.time"),
                             ({"slurm": {"extra": ["--mem=1G; rm -rf ~"]}}, "study.slurm.extra"),
                             ({"encodings": ["rope", "tape-x"]}, "unknown encoding 'tape-x'"),
@@ -203,20 +217,53 @@ def test_reuse_only_under_the_same_config_hash(tmp_path):
     (run_dir / "study_run.json").write_text(json.dumps({"config_hash": config_hash(changed)[0], "config": changed}))
     steps = resolved["trainer"]["max_steps"]
     assert f"trainer.max_steps: {steps + 1} -> {steps}" in reuse_conflict(run_dir, digest, resolved)
+    # the same config on a dataset prepared anew at the same URL: another dataset
+    recorded_digest, recorded = config_hash(config, "manifest-sha-1")
+    (run_dir / "study_run.json").write_text(json.dumps({"config_hash": recorded_digest, "config": recorded}))
+    now_digest, now = config_hash(config, "manifest-sha-2")
+    assert reuse_conflict(run_dir, recorded_digest, recorded) is None
+    assert "dataset_fingerprint: 'manifest-sha-1' -> 'manifest-sha-2'" in reuse_conflict(run_dir, now_digest, now)
 
 
 # ---- SLURM -------------------------------------------------------------------------------------
 
+# The trainer as the batch script sees it: the first SIGTERM makes it save (for a second), a second one kills it
+# unsaved, as in Trainer._install_signal_handlers; STUB_EXIT makes it exit at once with that status.
 STUB = """#!/usr/bin/env bash
 if [ "$1" = -c ]; then exec {python} "$@"; fi
-echo "args $* MASTER_PORT=$MASTER_PORT" >> {log}
-trap 'echo got TERM >> {log}; exit 0' TERM
-sleep 30 & wait
+echo "args $* MASTER_PORT=$MASTER_PORT pid=$$" >> {log}
+[ -z "${{STUB_EXIT:-}}" ] || exit "$STUB_EXIT"
+terms=0
+trap 'terms=$((terms + 1)); echo "got TERM $terms" >> {log}' TERM
+while [ "$terms" = 0 ]; do sleep 0.05; done
+sleep 1
+[ "$terms" = 1 ] || {{ echo unsaved >> {log}; exit 143; }}
+echo saved >> {log}
 """
 
 
-def test_slurm_array_directives_port_signal_and_requeue(tmp_path):
-    path = study_file(tmp_path, str(tmp_path / "no-data-yet"), launcher="slurm", nproc=2,
+def _wait_for(log, text, deadline):
+    while text not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, f"{text!r} never logged: {log.read_text() if log.exists() else ''}"
+        time.sleep(0.02)
+
+
+def run_task(script, env, log, actions=()):
+    """Array task 2 of ``script`` with the stubs; each action (target, signal, text to wait for) is sent to the
+    batch shell or the trainer once the trainer runs. The task's exit status and the stubs' log."""
+    log.unlink(missing_ok=True)
+    task = subprocess.Popen(["bash", str(script)], env=env)
+    deadline = time.monotonic() + 30
+    _wait_for(log, "args", deadline)
+    trainer = int(log.read_text().split("pid=")[1].split()[0])
+    for target, sig, then in actions:
+        os.kill(task.pid if target == "shell" else trainer, sig)
+        _wait_for(log, then, deadline)
+    return task.wait(timeout=30), log.read_text()
+
+
+def test_slurm_array_directives_port_signal_and_requeue(tmp_path, dataset_path):
+    path = study_file(tmp_path, dataset_path, launcher="slurm", nproc=2,
                       slurm={"time": "2:00:00", "signal": "B:USR1@90", "cpus_per_task": 6, "partition": "gpu"})
     root = run_study(str(path), [])
     script = (root / "study_array.sbatch").read_text()
@@ -231,23 +278,42 @@ def test_slurm_array_directives_port_signal_and_requeue(tmp_path):
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
     (bin_dir / "python").write_text(STUB.format(python=sys.executable, log=log))
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "scontrol $*" >> {log}\n')
+    # a failing scontrol must not replace the trainer's exit status
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "scontrol $*" >> {log}\nexit 1\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = dict(base_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
                SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="77")
-    task = subprocess.Popen(["bash", str(root / "study_array.sbatch")], env=env)
-    deadline = time.monotonic() + 30
-    while "args" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and task.poll() is None
-        time.sleep(0.05)
-    task.send_signal(signal.SIGUSR1)  # what SLURM sends the batch script before the time limit
-    assert task.wait(timeout=30) == 0
-    calls = log.read_text()
+    sbatch = root / "study_array.sbatch"
+
+    # near the time limit: SLURM sends USR1 to the batch shell; a TERM to the shell while the trainer saves is
+    # neither forwarded nor the end of the wait
+    status, calls = run_task(sbatch, env, log, [("shell", signal.SIGUSR1, "got TERM 1"),
+                                                ("shell", signal.SIGTERM, "saved")])
+    assert status == 0 and calls.count("got TERM") == 1 and "unsaved" not in calls
     port = calls.split("MASTER_PORT=")[1].split()[0]
     assert port.isdigit() and f"--rdzv-endpoint 127.0.0.1:{port} " in calls  # chosen on the node, at start
+    assert "--shutdown-timeout 80 " in calls  # torchrun gives the workers the signal's lead time (less 10 s)
     assert "runs/tape-a-s1234/run.yaml" in calls  # array task 2: rope-a, rope-b, tape-a, tape-b
-    assert "got TERM" in calls and "scontrol requeue 77_2" in calls
+    assert "scontrol requeue 77_2" in calls
+
+    # preemption or scancel: SLURM sends TERM to every process of the job; the trainer gets that one only
+    status, calls = run_task(sbatch, env, log, [("shell", signal.SIGTERM, "args"), ("trainer", signal.SIGTERM,
+                                                                                      "saved")])
+    assert status == 0 and calls.count("got TERM") == 1 and "scontrol" not in calls
+
+    status, calls = run_task(sbatch, dict(env, STUB_EXIT="5"), log)  # the trainer's status is the task's
+    assert status == 5 and "scontrol" not in calls
+
+    root = run_study(str(path), ["slurm.requeue=false", "slurm.gres=null"])
+    script = (root / "study_array.sbatch").read_text()
+    assert "#SBATCH --no-requeue\n" in script and "--gres" not in script
+    status, calls = run_task(sbatch, env, log, [("shell", signal.SIGUSR1, "saved")])
+    assert status == 0 and calls.count("got TERM") == 1 and "scontrol" not in calls
+
+    spaced = study_file(tmp_path, dataset_path, launcher="slurm", out_dir=str(tmp_path / "out dir"))
+    with pytest.raises(ConfigError, match="study.out_dir"):
+        run_study(str(spaced), [])
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -287,6 +353,24 @@ def test_study_runs_reuses_by_config_hash_and_reports(tmp_path, dataset_path, ca
     (root / "runs" / "tape-a-s1234" / "study_run.json").unlink()  # a run whose config the study cannot know
     with pytest.raises(ConfigError, match="tape-a-s1234.*without study_run.json"):
         run_study(str(study_file(tmp_path, dataset_path)), [])
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_and_the_others_run(tmp_path, dataset_path):
+    path = study_file(tmp_path, dataset_path, encodings=["rope"], baseline=None,
+                      sizes=[{"name": "bad", "model": dict(SMALL, vocab_size=7)}, {"name": "a", "model": SMALL}])
+    done = subprocess.run([sys.executable, "-m", "tape_pretrain.cli", "study", str(path)], env=base_env(),
+                          capture_output=True, text=True, timeout=300)
+    root = tmp_path / "out" / "mini"
+    log = root / "runs" / "rope-bad-s1234" / "train.log"
+    assert done.returncode == 1, done.stderr
+    assert f"1 runs failed: rope-bad-s1234 (exit status 2; log: {log})" in done.stderr
+    assert "Traceback" not in done.stderr and "model.vocab_size=7" in log.read_text()
+    results = (root / "RESULTS.md").read_text()
+    assert "1 of 2 runs finished" in results and "| rope-a-s1234 |" in results
+    assert "## Failed runs" in results and "- rope-bad-s1234 (exit status 2" in results
+    record = json.loads((root / "runs" / "rope-bad-s1234" / "study_run.json").read_text())
+    assert record["failed"]["exit_status"] == 2
 
 
 @pytest.mark.slow

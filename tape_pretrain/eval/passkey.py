@@ -108,7 +108,9 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     z2n = z * z / trials
     center = (p + z2n / 2) / (1 + z2n)
     half = z / (1 + z2n) * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
-    return max(0.0, center - half), min(1.0, center + half)
+    # the bounds at 0 and n successes are exactly 0 and 1 (float rounding gives 0.9999999999999999)
+    return (0.0 if successes == 0 else max(0.0, center - half),
+            1.0 if successes == trials else min(1.0, center + half))
 
 
 @dataclass

@@ -34,6 +34,11 @@ def _evaluate(args) -> dict:
         raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers") from None
     if not lengths or min(lengths) <= 0:
         raise ConfigError(f"--lengths {args.lengths!r} must be positive integers")
+    for option, value in (("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens),
+                          ("--stride", args.stride)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{option} {value} must be a positive integer"
+                              + (" (omit --stride for non-overlapping windows)" if option == "--stride" else ""))
     passkey = passkey_plan(args, export, lengths) if args.passkey else None  # its errors before any evaluation
     import os
 
@@ -128,9 +133,10 @@ def passkey_plan(args, export: Path, lengths: list[int]):
         depths = [float(x) for x in args.passkey_depths.split(",") if x]
     except ValueError:
         raise ConfigError(f"--passkey-depths {args.passkey_depths!r} must be comma-separated numbers") from None
-    if not passkey_lengths or not depths or not all(0 <= d <= 1 for d in depths):
-        raise ConfigError(f"--passkey-lengths {args.passkey_lengths!r} and --passkey-depths {args.passkey_depths!r}: "
-                          "give at least one length, and depths in [0, 1]")
+    if not passkey_lengths:
+        raise ConfigError(f"--passkey-lengths {args.passkey_lengths!r}: give at least one length")
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise ConfigError(f"--passkey-depths {args.passkey_depths!r}: give at least one depth, each in [0, 1]")
     if args.passkey_trials <= 0:
         raise ConfigError(f"--passkey-trials {args.passkey_trials} must be positive")
     tokenizer = Tokenizer.load(str(export / "tokenizer.model"))

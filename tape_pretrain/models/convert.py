@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig
+from tape_pretrain.models.positional.tape import TAPELayer
 from tape_pretrain.models.transformer import Transformer
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -67,7 +68,8 @@ def _load_into(model: Transformer, sd: Mapping[str, torch.Tensor]) -> Transforme
 
 def from_official_tape(state_dict: Mapping[str, torch.Tensor], *, rope_base: float = 10000.0,
                        norm_eps: float = 1e-5) -> Transformer:
-    """Build our TAPE model from a state dict in the official layout; every shape is inferred from it."""
+    """Build our TAPE model from a state dict in the official layout; every shape is inferred from it. The model has
+    both state updates (the layout holds both), also for a file that to_official_tape wrote from an ablated model."""
     sd = {}
     for name, tensor in _strip_model_prefix(state_dict).items():
         m = _TAPE_OFFICIAL.match(name)
@@ -80,12 +82,37 @@ def from_official_tape(state_dict: Mapping[str, torch.Tensor], *, rope_base: flo
 
 
 def to_official_tape(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our TAPE state dict in the official layout (the inverse of from_official_tape)."""
+    """Our TAPE state dict in the official layout (the inverse of from_official_tape).
+
+    The official layout has both state updates in every layer. A model with an update switched off
+    (model.positional.tape_attention_update / tape_mlp_update) is written as the full TAPE model that computes the
+    same function, with the missing update's weights all zero: post_attention_linear = 0 makes gamma = 0, and
+    W_pu = 0 alone makes M_n = 0 (W_x and W_pd, which could then be anything, are zero too: no weight is made up).
+    from_official_tape reads such a file back as full TAPE (the layout does not record the switches), with the same
+    logits. Trained on from there, the attention update starts at gamma = 0 as TAPE's own init does, but the
+    all-zero MLP update gets no gradient and stays off."""
+    if model.config.positional.name != "tape":
+        raise ConfigError(f"only a tape model converts to the official TAPE layout, not {model.config.positional.name}")
+    state_dict = model.state_dict()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in {**state_dict, **_switched_off_update_weights(model, state_dict)}.items():
         name = name.replace(".positional.", ".")
         out[name if name == "lm_head.weight" else f"model.{name}"] = tensor
     return out
+
+
+def _switched_off_update_weights(model: Transformer, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Zeros, under our names, for the TAPE update weights that a model with an update switched off lacks."""
+    c = model.config
+    with torch.device("meta"):  # the weights of a layer with both updates
+        full = TAPELayer(c.hidden_size, c.num_heads, model.positional.position_size, is_last=False).state_dict()
+    like = state_dict["embed_tokens.weight"]
+    zeros = {}
+    for i in range(c.num_layers):
+        for name, weight in full.items():
+            if f"layers.{i}.positional.{name}" not in state_dict:
+                zeros[f"layers.{i}.positional.{name}"] = like.new_zeros(weight.shape)
+    return zeros
 
 
 def from_hf_llama(state_dict: Mapping[str, torch.Tensor], *, num_heads: int, rope_base: float = 10000.0,

@@ -30,15 +30,23 @@ def training_seconds(records: list[dict]) -> float:
 
 
 def collect(spec: StudySpec, root: Path) -> list[dict]:
-    """One row per finished run: its budget (from study_run.json), losses (metrics.jsonl) and perplexities."""
+    """One row per finished run: its budget (from study_run.json), losses (metrics.jsonl) and perplexities; and one
+    row {name, encoding, size, seed, failed: True} per run whose study_run.json says ``"failed": true``."""
     from tape_pretrain.train.metrics import training_records
 
     rows = []
     for run in spec.runs():
         run_dir = root / "runs" / run["name"]
-        if not (run_dir / EVAL_RECORD).exists() or not (run_dir / RUN_RECORD).exists():
+        if not (run_dir / RUN_RECORD).exists():
             continue
-        budget = json.loads((run_dir / RUN_RECORD).read_text())["budget"]
+        record = json.loads((run_dir / RUN_RECORD).read_text())
+        if record.get("failed"):
+            rows.append({"name": run["name"], "encoding": run["encoding"], "size": run["size"].name,
+                         "seed": run["seed"], "failed": True})
+            continue
+        if not (run_dir / EVAL_RECORD).exists():
+            continue
+        budget = record["budget"]
         records = [r for _, r in sorted(training_records(run_dir).items())]
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in logged if r.get("val_loss") is not None]
@@ -70,6 +78,41 @@ def _fmt(value: float, key) -> str:
     return f"{value:.4f}" if isinstance(key, str) else f"{value:.2f}"
 
 
+def _split_finite(by_seed: dict[int, float]) -> tuple[list[float], list[int]]:
+    """The finite values (in seed order) and the seeds whose value is nan or inf (a diverged run)."""
+    seeds = sorted(by_seed)
+    return [by_seed[s] for s in seeds if math.isfinite(by_seed[s])], [s for s in seeds if not math.isfinite(by_seed[s])]
+
+
+def _seeds(seeds) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
+
+
+def _notes(n: int, non_finite, single: str = "n=1") -> str:
+    """' (n=..; diverged: seeds ..)' when a cell used fewer seeds than its row's n or only one; '' otherwise."""
+    notes = [single] if n == 1 else [f"n={n}"] if non_finite else []
+    if non_finite:
+        notes.append(f"diverged: {_seeds(non_finite)}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _mean_cell(by_seed: dict[int, float], key, with_sd: bool = True) -> str:
+    """Mean (± sd) over the seeds with a finite value; the others named, never pooled."""
+    values, non_finite = _split_finite(by_seed)
+    mean, sd = mean_sd(values)
+    text = ("-" if not values else f"{_fmt(mean, key)} ± {_fmt(sd, key)}" if len(values) > 1 and with_sd
+            else _fmt(mean, key))
+    return text + _notes(len(values), non_finite)
+
+
+def _difference_cell(diff, key) -> str:
+    if diff is None:
+        return "-"
+    text = ("-" if diff.n == 0 else _fmt(diff.mean, key) if diff.n == 1 else
+            f"{_fmt(diff.mean, key)} [{_fmt(diff.low, key)}, {_fmt(diff.high, key)}]")
+    return text + _notes(diff.n, diff.non_finite, single="n=1, no interval")
+
+
 def _table(header: list[str], body: list[list[str]], left: int) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)] + [
         "| " + " | ".join(cells) + " |" for cells in body]
@@ -88,6 +131,8 @@ def _cells(spec: StudySpec, rows: list[dict]) -> list[tuple[str, str, list[dict]
 
 def render_results(spec: StudySpec, rows: list[dict]) -> str:
     """RESULTS.md for ``rows`` (as collect() returns them); a pure function of its inputs."""
+    failed = [r for r in rows if r.get("failed")]
+    rows = [r for r in rows if not r.get("failed")]
     columns = _columns(rows)
     budget = (f"every encoding of a size trains on the same tokens, {spec.tokens_per_parameter:g} x the size's "
               "backbone parameters (its RoPE model, embeddings included, positional weights not)"
@@ -95,7 +140,9 @@ def render_results(spec: StudySpec, rows: list[dict]) -> str:
               "every encoding of a size gets the training FLOPs of that size's RoPE run, whose tokens are "
               f"{spec.tokens_per_parameter:g} x the backbone parameters (steps rounded to whole steps)")
     lines = [f"# {spec.name}", "", f"{len(rows)} of {len(spec.runs())} runs finished. Budget ({spec.budget}): "
-             f"{budget}. Train FLOPs = 3 x forward FLOPs per token x tokens.",
+             f"{budget}. Train FLOPs = 3 x forward FLOPs per token x tokens."
+             + (f" {len(failed)} failed, left out of every table and statistic: "
+                + ", ".join(r["name"] for r in failed) + "." if failed else ""),
              f"Train loss: mean of the last {spec.final_loss_window} logged training losses. Val loss: the "
              "trainer's evaluation at the last step. Train time: the training wall time the run recorded in its "
              "metrics.jsonl (start-up, evaluation, checkpoints and export excluded).", "", "## Runs", ""]
@@ -105,48 +152,45 @@ def render_results(spec: StudySpec, rows: list[dict]) -> str:
             + [_fmt(_value(r, key), key) for _, key in columns] + [f"{r['train_seconds']:.0f}s"] for r in rows]
     lines += _table(header + [h for h, _ in columns] + ["train time"], body, left=3)
 
-    lines += ["", "## Mean ± sd over seeds", "", "Sample standard deviation (n - 1); n = the seeds finished.", ""]
+    diverged = ("A seed whose value is nan or inf (a diverged run) is left out of a cell's statistics and named "
+                "there, with the n that cell used.")
+    lines += ["", "## Mean ± sd over seeds", "",
+              f"Sample standard deviation (n - 1); n = the seeds finished. {diverged}", ""]
     body = []
     for encoding, size, mine in _cells(spec, rows):
-        cells = []
-        for _, key in columns:
-            mean, sd = mean_sd([_value(r, key) for r in mine])
-            cells.append(f"{_fmt(mean, key)} ± {_fmt(sd, key)}" if len(mine) > 1 else f"{_fmt(mean, key)} (n=1)")
+        cells = [_mean_cell({r["seed"]: _value(r, key) for r in mine}, key) for _, key in columns]
         body.append([encoding, size, str(len(mine))] + cells)
     lines += _table(["encoding", "size", "n"] + [h for h, _ in columns], body, left=2)
 
     if spec.baseline is not None:
         lines += ["", f"## Difference to {spec.baseline}", "",
                   f"Per seed: encoding - {spec.baseline} on the same seed; the mean over seeds and its 95% "
-                  "t-interval (n - 1 degrees of freedom). Negative is better for every column.", ""]
+                  "t-interval (n - 1 degrees of freedom). Negative is better for every column. n = the seeds "
+                  f"finished for both; a seed diverged for either is left out and named in its cell, with the n that "
+                  "cell used.", ""]
         body = []
         for encoding, size, mine in _cells(spec, rows):
             if encoding == spec.baseline:
                 continue
             base = [r for r in rows if r["encoding"] == spec.baseline and r["size"] == size]
-            cells, n = [], 0
-            for _, key in columns:
-                diff = paired_difference({r["seed"]: _value(r, key) for r in mine},
-                                         {r["seed"]: _value(r, key) for r in base})
-                if diff is None:
-                    cells.append("-")
-                    continue
-                n = max(n, diff.n)
-                cells.append(f"{_fmt(diff.mean, key)} [{_fmt(diff.low, key)}, {_fmt(diff.high, key)}]" if diff.n > 1
-                             else f"{_fmt(diff.mean, key)} (n=1, no interval)")
-            body.append([encoding, size, str(n)] + cells)
+            shared = {r["seed"] for r in mine} & {r["seed"] for r in base}
+            cells = [_difference_cell(paired_difference({r["seed"]: _value(r, key) for r in mine},
+                                                        {r["seed"]: _value(r, key) for r in base}), key)
+                     for _, key in columns]
+            body.append([encoding, size, str(len(shared))] + cells)
         lines += _table(["encoding", "size", "n"] + [h for h, _ in columns], body, left=2)
 
     lines += ["", "## Loss vs parameters", "", "N = the size's non-embedding backbone parameters (its RoPE model "
-              "without token embeddings and LM head); loss = mean val loss over seeds.", ""]
+              "without token embeddings and LM head); loss = mean over seeds of the final val loss (the "
+              f"trainer's evaluation at the last step). {diverged}", ""]
     sizes = [s.name for s in spec.sizes if any(r["size"] == s.name for r in rows)]
     n_of = {r["size"]: r["non_embedding_parameters"] for r in rows}
     body = []
     for size in sizes:
         cells = []
         for encoding in spec.encodings:
-            mine = [r["val_loss"] for r in rows if r["encoding"] == encoding and r["size"] == size]
-            cells.append(f"{mean_sd(mine)[0]:.4f}" if mine else "-")
+            mine = {r["seed"]: r["val_loss"] for r in rows if r["encoding"] == encoding and r["size"] == size}
+            cells.append(_mean_cell(mine, "val_loss", with_sd=False) if mine else "-")
         body.append([size, f"{n_of[size]:,}"] + cells)
     lines += _table(["size", "N"] + list(spec.encodings), body, left=1)
     fits = power_law_fits(spec, rows)
@@ -194,6 +238,7 @@ def write_report(spec: StudySpec, root: Path) -> Path:
 
     rows = collect(spec, root)
     (root / "RESULTS.md").write_text(render_results(spec, rows))
+    rows = [r for r in rows if not r.get("failed")]
     lengths = sorted({n for r in rows for n in r["perplexity"]})
 
     fig, ax = plt.subplots(figsize=(6, 4))

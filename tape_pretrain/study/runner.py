@@ -7,11 +7,13 @@ would launch now (or that holds a run without a record) is refused with the diff
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from tape_pretrain.config import (
     set_dotted,
     to_dict,
 )
+from tape_pretrain.errors import DataError
 from tape_pretrain.study.report import EVAL_RECORD, RUN_RECORD, write_report
 from tape_pretrain.study.spec import StudySpec, load_study
 
@@ -56,20 +59,23 @@ def _nested(dotted: dict[str, Any]) -> dict:
     return out
 
 
+def dataset_exists(url: str) -> bool:
+    from tape_pretrain.data.manifest import MANIFEST
+    from tape_pretrain.data.storage import exists, join, open_url
+
+    fs, base = open_url(url)
+    return exists(fs, join(base, MANIFEST))
+
+
 def ensure_dataset(spec: StudySpec, root: Path) -> str:
     """The study's dataset URL, preparing a tokenizer and shards first when it does not exist yet."""
-    from tape_pretrain.data.manifest import MANIFEST
     from tape_pretrain.data.prep import PrepOptions, prepare
-    from tape_pretrain.data.storage import exists, join, open_url
     from tape_pretrain.data.tokenizer import train_tokenizer
 
     url = spec.data_path or str(root / "data" / "dataset")
-    fs, base = open_url(url)
-    if exists(fs, join(base, MANIFEST)):
+    if dataset_exists(url):
         return url
     if not spec.data_prep.inputs:
-        from tape_pretrain.errors import DataError
-
         raise DataError(f"study dataset {url} does not exist and study.data_prep.inputs is empty")
     tokenizer = root / "data" / "tokenizer.model"
     if not tokenizer.exists():
@@ -151,8 +157,12 @@ def run_budget(spec: StudySpec, config: dict, vocab_size: int) -> Budget:
     rope_steps = max(spec.min_steps, math.ceil(spec.tokens_per_parameter * backbone / t.global_batch_tokens))
     steps = rope_steps
     if spec.budget == "flops" and resolved.model.positional.name != "rope":
-        per_step = training_flops(model, resolved, rope_steps) / rope_steps
-        steps = max(1, round(training_flops(rope, resolved, rope_steps) / per_step))
+        target = training_flops(rope, resolved, rope_steps)
+        estimate = max(1, round(target / (training_flops(model, resolved, rope_steps) / rope_steps)))
+        # a curriculum's phases move with the step count (until_tokens / until_fraction), so FLOPs per step vary
+        # with it: the closest step count near the estimate, not the estimate
+        steps = min(range(max(1, estimate - 8), estimate + 9),
+                    key=lambda n: (abs(training_flops(model, resolved, n) - target), n))
     return Budget(steps=steps, tokens=steps * t.global_batch_tokens, flops=training_flops(model, resolved, steps),
                   parameters=model.num_parameters(), positional_parameters=model.num_positional_parameters(),
                   backbone_parameters=backbone, non_embedding_parameters=backbone - embeddings)
@@ -186,11 +196,19 @@ def _hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
 
-def config_hash(config: dict) -> tuple[str, dict]:
-    """sha256 of the resolved run config (every field, defaults included, run_dir excluded) and that config."""
+DATASET_FINGERPRINT = "dataset_fingerprint"
+"""The key of the dataset's fingerprint in a run's hashed record (beside the run config's own keys)."""
+
+
+def config_hash(config: dict, data_fingerprint: str | None = None) -> tuple[str, dict]:
+    """sha256 of the resolved run config (every field, defaults included, run_dir excluded) and of the dataset's
+    fingerprint (its manifest: a dataset prepared anew at the same URL is another dataset), and that record."""
+    config = dict(config)
+    recorded = config.pop(DATASET_FINGERPRINT, None)  # ``config`` may be such a record itself
     resolved = to_dict(from_dict(RunConfig, config))
     for key in HASH_EXCLUDED:
         resolved.pop(key, None)
+    resolved[DATASET_FINGERPRINT] = data_fingerprint if data_fingerprint is not None else recorded
     return _hash(resolved), resolved
 
 
@@ -262,7 +280,15 @@ def training_finished(run_dir: Path, steps: int) -> bool:
 
 
 def eval_settings(spec: StudySpec, seq_len: int) -> dict:
-    return {"lengths": [m * seq_len for m in spec.eval_multipliers], "max_tokens": spec.eval_max_tokens}
+    """What a run's evaluation depends on; an eval.json made under other settings (another device or dtype too:
+    bf16 on a GPU and fp32 on a CPU differ in the last digits) is redone, never mixed into one table."""
+    import torch
+
+    from tape_pretrain.eval.perplexity import eval_device, eval_dtype
+
+    device = eval_device("auto")
+    return {"lengths": [m * seq_len for m in spec.eval_multipliers], "max_tokens": spec.eval_max_tokens,
+            "device": device.type, "dtype": "bf16" if eval_dtype("auto", device) == torch.bfloat16 else "fp32"}
 
 
 def eval_current(run_dir: Path, settings: dict) -> bool:
@@ -275,12 +301,46 @@ def eval_current(run_dir: Path, settings: dict) -> bool:
 # ---- launching ---------------------------------------------------------------------------------
 
 
-def train_command(config_path: Path, nproc: int) -> list[str]:
-    """The command that trains (or resumes) one run; torchrun's --standalone picks a free port when it starts."""
+def train_command(config_path: Path, nproc: int, shutdown_timeout_s: int = 630) -> list[str]:
+    """The command that trains (or resumes) one run; torchrun's --standalone picks a free port when it starts.
+    torchrun SIGKILLs its workers ``shutdown_timeout_s`` after forwarding a signal (its default, 30 s, is too short
+    to save): give them the run's parallel.timeout_s, past which a rank that cannot save ends itself, and a margin."""
     if nproc <= 1:
         return [sys.executable, "-m", "tape_pretrain.cli", "train", str(config_path)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "tape_pretrain.cli", "train", str(config_path)]
+            "--shutdown-timeout", str(shutdown_timeout_s), "-m", "tape_pretrain.cli", "train", str(config_path)]
+
+
+TRAIN_LOG = "train.log"
+"""A local run's trainer output (stdout and stderr, appended on resume), beside its metrics."""
+
+
+class StudyRunsFailed(RuntimeError):
+    """Some runs of a local study failed; the others ran and RESULTS.md was written."""
+
+
+def _run_logged(command: list[str], log_path: Path) -> int:
+    """Run ``command`` with its output shown here and appended to ``log_path``; its exit status. Ctrl-C reaches the
+    trainer as well (same process group): it saves and exits, and this waits for that rather than killing it."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    interrupted = False
+    with open(log_path, "ab") as log, subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT) as proc:
+        while True:
+            try:
+                chunk = proc.stdout.read1(1 << 16)
+            except KeyboardInterrupt:
+                interrupted = True
+                continue
+            if not chunk:
+                break
+            log.write(chunk)
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        status = proc.wait()
+    if interrupted:
+        raise KeyboardInterrupt
+    return status
 
 
 def evaluate_run(run_dir: Path, data_url: str, spec: StudySpec, seq_len: int) -> dict:
@@ -289,8 +349,9 @@ def evaluate_run(run_dir: Path, data_url: str, spec: StudySpec, seq_len: int) ->
     from tape_pretrain.train.export import load_export_model
 
     model = load_export_model(str(run_dir / "export"))
-    lengths = eval_settings(spec, seq_len)["lengths"]
-    results = evaluate_lengths(model, data_url, lengths, str(run_dir / ".eval_cache"), spec.eval_max_tokens, 4)
+    settings = eval_settings(spec, seq_len)
+    results = evaluate_lengths(model, data_url, settings["lengths"], str(run_dir / ".eval_cache"),
+                               spec.eval_max_tokens, 4, device=settings["device"], dtype=settings["dtype"])
     return {str(k): v for k, v in results.items()}
 
 
@@ -299,24 +360,36 @@ _FREE_PORT = ("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); pri
 
 def sbatch_script(spec: StudySpec, root: Path, tasks: list[tuple[Path, Path]]) -> str:
     """An sbatch array with one task per (run_dir, config) in ``tasks``. The port is chosen on the node when the
-    task starts; a trapped signal is forwarded to the trainer as SIGTERM, and an unfinished run is requeued."""
+    task starts; the early-warning signal reaches the trainer as one SIGTERM, and an unfinished run is requeued."""
     s = spec.slurm
-    signal_name = s.signal.split(":", 1)[1].split("@", 1)[0].removeprefix("SIG")
+    signal_name, lead_s = s.signal.split(":", 1)[1].removeprefix("SIG").split("@")
     root = root.resolve()
-    directives = [f"--job-name={spec.name}", f"--array=0-{len(tasks) - 1}", "--nodes=1", "--ntasks=1",
-                  f"--gres={s.gres or f'gpu:{spec.nproc}'}", f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time}",
-                  f"--signal={s.signal}", "--requeue" if s.requeue else "--no-requeue", "--open-mode=append",
-                  f"--output={root / 'slurm' / '%x_%A_%a.out'}"]
+    if re.search(r"[\s%\"'\\]", str(root)):  # #SBATCH lines are not shell; % is a SLURM filename pattern
+        raise ConfigError(f"study.out_dir: the study directory {str(root)!r} holds a space, quote, backslash or '%', "
+                          "which an #SBATCH --output path cannot: choose another out_dir for launcher: slurm")
+    directives = [f"--job-name={spec.name}", f"--array=0-{len(tasks) - 1}", "--nodes=1", "--ntasks=1"]
+    directives += [f"--gres={f'gpu:{spec.nproc}' if s.gres == 'auto' else s.gres}"] * (s.gres is not None)
+    directives += [f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time}", f"--signal={s.signal}",
+                   "--requeue" if s.requeue else "--no-requeue", "--open-mode=append",
+                   f"--output={root / 'slurm' / '%x_%A_%a.out'}"]
     directives += [f"--partition={s.partition}"] * bool(s.partition) + [f"--account={s.account}"] * bool(s.account)
     directives += s.extra
     cases = "\n".join(f"  {i}) run_dir={shlex.quote(str(run_dir.resolve()))}; "
                       f"config={shlex.quote(str(config.resolve()))} ;;" for i, (run_dir, config) in enumerate(tasks))
-    if spec.nproc > 1:
+    if spec.nproc > 1:  # torchrun SIGKILLs its workers this long after forwarding the TERM: let them save
         launch = (f'"$PYTHON" -m torch.distributed.run --nproc-per-node {spec.nproc} --nnodes 1 --rdzv-backend c10d '
-                  '--rdzv-endpoint "127.0.0.1:$MASTER_PORT" -m tape_pretrain.cli train "$config" &')
+                  f'--rdzv-endpoint "127.0.0.1:$MASTER_PORT" --shutdown-timeout {max(30, int(lead_s) - 10)} '
+                  '-m tape_pretrain.cli train "$config" &')
     else:
         launch = '"$PYTHON" -m tape_pretrain.cli train "$config" &'
     from tape_pretrain.train.export import WEIGHTS
+
+    if s.requeue:  # a failing scontrol must not replace the trainer's exit status
+        unfinished = ('  echo "time limit near and the run unfinished: requeueing to resume from its checkpoint" >&2\n'
+                      '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" || '
+                      'echo "scontrol requeue failed: resubmit this task to resume the run" >&2')
+    else:
+        unfinished = '  echo "time limit near and the run unfinished (requeue: false): resubmit it to resume" >&2'
 
     return f"""#!/usr/bin/env bash
 # {spec.name}: one array task per unfinished run, written by `tape-pretrain study`; submit with sbatch.
@@ -332,21 +405,30 @@ esac
 # Chosen here, on the node, when the task starts (a port free on this node now), not where the script was written.
 MASTER_PORT=$("$PYTHON" -c "{_FREE_PORT}")
 export MASTER_PORT
-signalled=0
+# The trainer catches SIGTERM: it finishes its step, saves a checkpoint and exits 0; a second signal kills it unsaved.
+# SIG{signal_name} (--signal={s.signal}) comes to this shell alone: forward one SIGTERM. A SIGTERM here (preemption,
+# scancel) was sent by SLURM to every process of the job, the trainer included: do not send it another.
+# The traps are set before the trainer starts, so that no signal finds this shell unprotected.
+child="" warned=0 pending=0 signals=0
+warn() {{
+  signals=$((signals + 1))
+  [ "$warned" = 0 ] || return 0
+  warned=1
+  if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; else pending=1; fi
+}}
+trap warn {signal_name}
+trap 'signals=$((signals + 1))' TERM
 {launch}
 child=$!
-# The trainer catches SIGTERM: it finishes its step, saves a checkpoint and exits 0.
-trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' {signal_name}{" TERM" if signal_name != "TERM" else ""}
-status=0
-wait "$child" || status=$?
-if [ "$signalled" = 1 ]; then  # the trap cut that wait short: wait for the trainer to save and exit
-  again=0
-  wait "$child" 2>/dev/null || again=$?
-  [ "$again" = 127 ] || status=$again  # 127: the first wait had its status already
-fi
-if [ "$signalled" = 1 ] && [ ! -f "$run_dir/export/{WEIGHTS}" ]; then
-  echo "signalled before the run finished: requeueing to resume from its checkpoint" >&2
-  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+[ "$pending" = 0 ] || kill -TERM "$child" 2>/dev/null || true  # warned before $child was known
+# A trapped signal cuts wait short (status > 128) while the trainer may still be saving: wait until it has exited.
+while :; do
+  before=$signals status=0
+  wait "$child" || status=$?
+  [ "$status" -gt 128 ] && [ "$signals" != "$before" ] || break
+done
+if [ "$warned" = 1 ] && [ ! -f "$run_dir/export/{WEIGHTS}" ]; then
+{unfinished}
 fi
 exit "$status"
 """
@@ -359,16 +441,22 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
     root = Path(spec.out_dir) / spec.name
     root.mkdir(parents=True, exist_ok=True)
     emit_only = dry_run or spec.launcher in ("print", "slurm")
-    data_url = ensure_dataset(spec, root) if not emit_only else (spec.data_path or str(root / "data" / "dataset"))
-    try:
-        vocab = int(load_manifest(data_url)[0].tokenizer["vocab_size"])
-    except Exception:  # emitting commands before the data exists: size the budget with the preset's vocab
-        vocab = 32000
+    # every launcher but a dry run prepares the data first: the budgets need its vocabulary, and the re-use hash
+    # its fingerprint
+    data_url = ensure_dataset(spec, root) if not dry_run else (spec.data_path or str(root / "data" / "dataset"))
+    fingerprint = None
+    if dry_run and not dataset_exists(data_url):
+        if not spec.data_prep.inputs:
+            raise DataError(f"study dataset {data_url} does not exist and study.data_prep.inputs is empty")
+        vocab = spec.data_prep.vocab_size  # what the study's own prep will train
+    else:
+        manifest, fingerprint = load_manifest(data_url)
+        vocab = int(manifest.tokenizer["vocab_size"])
     plans, conflicts = [], []
     for run in spec.runs():
         run_dir = root / "runs" / run["name"]
         config, budget = plan_run(spec, run, root, data_url, vocab)
-        digest, resolved = config_hash(config)
+        digest, resolved = config_hash(config, fingerprint)
         conflict = reuse_conflict(run_dir, digest, resolved)
         if conflict:
             conflicts.append(f"  {run['name']}: {conflict}")
@@ -379,7 +467,7 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
             "study would launch now, and are neither re-used nor resumed:\n" + "\n".join(conflicts) +
             "\nNothing was deleted or launched. Move those run directories aside (or delete them yourself), "
             "or give the study another name or out_dir.")
-    commands, tasks = [], []
+    commands, tasks, failed = [], [], []
     for run, run_dir, config, budget, digest, resolved in plans:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.yaml"
@@ -388,7 +476,8 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
             _write_json(run_dir / RUN_RECORD, {
                 "config_hash": digest, "encoding": run["encoding"], "size": run["size"].name, "seed": run["seed"],
                 "budget": dataclasses.asdict(budget), "config": resolved})
-        commands.append(train_command(config_path, spec.nproc))
+        command = train_command(config_path, spec.nproc, math.ceil(resolved["parallel"]["timeout_s"]) + 30)
+        commands.append(command)
         trained = training_finished(run_dir, budget.steps)
         if not trained:
             tasks.append((run_dir, config_path))
@@ -402,7 +491,14 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
         if not trained:
             print(f"study: training {run['name']} ({budget.steps} steps, {budget.tokens:,} tokens, "
                   f"{budget.flops:.3g} FLOPs)", flush=True)
-            subprocess.run(train_command(config_path, spec.nproc), check=True)  # resumes an interrupted run
+            status = _run_logged(command, run_dir / TRAIN_LOG)  # resumes an interrupted run
+            if status != 0:
+                log = run_dir / TRAIN_LOG
+                print(f"study: {run['name']} failed (exit status {status}; log: {log}); continuing", flush=True)
+                record = json.loads((run_dir / RUN_RECORD).read_text())
+                _write_json(run_dir / RUN_RECORD, {**record, "failed": {"exit_status": status, "log": str(log)}})
+                failed.append(f"{run['name']} (exit status {status}; log: {log})")
+                continue
         results = evaluate_run(run_dir, data_url, spec, seq_len)
         _write_json(run_dir / EVAL_RECORD, {"settings": settings, "results": results})  # marks the run finished
     if emit_only:
@@ -418,5 +514,10 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
             print("\n".join(shlex.join(c) for c in commands))
         return root
     report = write_report(spec, root)
+    if failed:  # the runs that failed in this invocation (a run that failed before is launched again)
+        with report.open("a") as out:
+            out.write("\n## Failed runs\n\n" + "".join(f"- {line}\n" for line in failed))
     print(f"study: results in {report}")
+    if failed:
+        raise StudyRunsFailed(f"{len(failed)} runs failed: " + "; ".join(failed))
     return root

@@ -37,22 +37,26 @@ class DataPrepSpec:
     """Share of documents in the val split."""
 
 
-SLURM_SIGNALS = ("TERM", "USR1", "USR2", "INT")
-"""Signals the generated batch script may trap; it forwards SIGTERM to the trainer, whose handler saves and exits."""
+SLURM_SIGNALS = ("USR1", "USR2")
+"""Early-warning signals for study.slurm.signal. Not TERM: on preemption or scancel SLURM sends SIGTERM to every
+process of the job, the trainer included, so the batch script must not forward a TERM it gets (the trainer's second
+signal exits without saving); a signal only SLURM's --signal sends tells the script to forward one SIGTERM."""
 
 
 @dataclass
 class SlurmSpec:
-    gres: str | None = None
-    """--gres per array task (one run on one node), e.g. gpu:8 or gpu:a100:8; None asks for gpu:<nproc>."""
+    gres: str | None = "auto"
+    """--gres per array task (one run on one node), e.g. gpu:8 or gpu:a100:8; auto asks for gpu:<nproc>; None: no
+    --gres line (CPU clusters)."""
     cpus_per_task: int = 16
     """--cpus-per-task (data loading and the engine's CPU work)."""
     time: str = "24:00:00"
     """--time per task (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); a run that reaches it saves and is
     requeued, and the requeued task resumes from its checkpoint."""
-    signal: str = "B:TERM@120"
-    """--signal B:NAME@SECONDS: sent to the batch script this long before the time limit; the script forwards
-    SIGTERM to the trainer (which finishes its step, saves and exits 0) and requeues the unfinished run."""
+    signal: str = "B:USR1@120"
+    """--signal B:NAME@SECONDS, NAME one of SLURM_SIGNALS: sent to the batch script this long before the time
+    limit; the script forwards one SIGTERM to the trainer (which finishes its step, saves and exits 0) and requeues
+    the unfinished run. torchrun (nproc > 1) gives its workers SECONDS - 10 (at least 30) to save."""
     requeue: bool = True
     """--requeue: SLURM may requeue the task after preemption or a node failure (it resumes)."""
     partition: str | None = None
@@ -140,10 +144,17 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpe
 
 _SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
 _SLURM_WORD = re.compile(r"[\w.,:+-]+")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A name that becomes a directory and a SLURM job name: no path separators, '..', spaces or shell characters."""
 
 
 def validate_study(spec: StudySpec, where: str) -> None:
     """Cross-field checks of a study; one ConfigError naming the study key."""
+    for key, name in [("study.name", spec.name)] + [(f"study.sizes[{i}].name", size.name)
+                                                   for i, size in enumerate(spec.sizes)]:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {key}={name!r}: a name becomes a directory (and a job name): use letters, "
+                              "digits and '_.-', starting with a letter, digit or '_'")
     for label, fields in spec.variants.items():
         if label in POSITIONAL_NAMES or not _SLURM_WORD.fullmatch(label) or not isinstance(fields, dict):
             raise ConfigError(f"{where}: study.variants.{label}: a variant needs its own label (letters, digits, "
@@ -173,10 +184,11 @@ def validate_study(spec: StudySpec, where: str) -> None:
     if not _SLURM_TIME.fullmatch(s.time):
         raise ConfigError(f"{where}: study.slurm.time={s.time!r} is not a SLURM time (e.g. 24:00:00 or 2-00:00:00)")
     signal = re.fullmatch(r"B:(?:SIG)?([A-Z0-9]+)@(\d+)", s.signal)
-    if not signal or signal.group(1) not in SLURM_SIGNALS:
+    if not signal or signal.group(1) not in SLURM_SIGNALS or not 1 <= int(signal.group(2)) <= 65535:
         raise ConfigError(f"{where}: study.slurm.signal={s.signal!r}: expected B:NAME@SECONDS with NAME one of "
-                          f"{', '.join(SLURM_SIGNALS)} (B: sends it to the batch script, which forwards SIGTERM "
-                          "to the trainer)")
+                          f"{', '.join(SLURM_SIGNALS)} and 1 <= SECONDS <= 65535 (B: sends it to the batch script, "
+                          "which forwards one SIGTERM to the trainer; not TERM: SLURM sends that to the trainer "
+                          "itself on preemption)")
     if s.cpus_per_task < 1:
         raise ConfigError(f"{where}: study.slurm.cpus_per_task must be >= 1, got {s.cpus_per_task}")
     for key in ("gres", "partition", "account"):

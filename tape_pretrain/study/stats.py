@@ -68,28 +68,32 @@ def t_quantile(p: float, df: int) -> float:
 @dataclass
 class PairedDifference:
     n: int
-    """Seeds present for both the encoding and the baseline."""
+    """Seeds used: present for both the encoding and the baseline, with a finite value in both."""
     mean: float
-    """Mean over those seeds of (encoding - baseline)."""
+    """Mean over those seeds of (encoding - baseline) (nan when n = 0)."""
     low: float
     """Lower end of the 95% t-interval of the mean (nan with fewer than two seeds)."""
     high: float
     """Upper end of the interval."""
+    non_finite: tuple[int, ...] = ()
+    """Shared seeds left out because either value is nan or inf (a diverged run): never dropped silently."""
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float], level: float = 0.95
                       ) -> PairedDifference | None:
-    """Per-seed differences values[seed] - baseline[seed] over the seeds both have; their mean and the two-sided
-    t-interval with n - 1 degrees of freedom. None when no seed is shared."""
+    """Per-seed differences values[seed] - baseline[seed] over the seeds both have with finite values; their mean
+    and the two-sided t-interval with n - 1 degrees of freedom; the shared seeds left out in ``non_finite``. None
+    when no seed is shared."""
     seeds = sorted(set(values) & set(baseline))
-    diffs = [values[s] - baseline[s] for s in seeds if math.isfinite(values[s] - baseline[s])]
-    if not diffs:
+    if not seeds:
         return None
+    non_finite = tuple(s for s in seeds if not math.isfinite(values[s] - baseline[s]))
+    diffs = [values[s] - baseline[s] for s in seeds if s not in non_finite]
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
-        return PairedDifference(len(diffs), mean, math.nan, math.nan)
+        return PairedDifference(len(diffs), mean, math.nan, math.nan, non_finite)
     half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return PairedDifference(len(diffs), mean, mean - half, mean + half)
+    return PairedDifference(len(diffs), mean, mean - half, mean + half, non_finite)
 
 
 @dataclass

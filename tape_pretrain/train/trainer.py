@@ -80,6 +80,11 @@ IMPLEMENTATION_ONLY_POSITIONAL_KEYS = ("tape_attention", "randrope_eval", "randr
 positions RandPE evaluates at): a run may resume with another value."""
 
 
+DUPLICATE_SIGNAL_WINDOW_S = 2.0
+"""A stop signal this soon after the first is the same stop delivered twice, not a request to exit at once: on
+preemption SLURM sends TERM to every process of the job while torchrun relays its own TERM to the workers."""
+
+
 def _with_defaults_of_later_keys(saved_model: dict) -> dict:
     """A checkpoint's model identity with the keys added to ModelConfig / PositionalConfig since it was written set
     to their defaults: that run computed what the default computes (a new key's default keeps the old model)."""
@@ -114,6 +119,9 @@ def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> No
         diff = sorted(k for k in current["model"] if current["model"][k] != saved_model.get(k) and k != "positional")
         diff += sorted(f"positional.{k}" for k, v in current["model"]["positional"].items()
                        if v != saved_model["positional"].get(k))
+        # keys only the checkpoint has (written by a newer version, or renamed since)
+        diff += sorted(k for k in saved_model if k not in current["model"])
+        diff += sorted(f"positional.{k}" for k in saved_model["positional"] if k not in current["model"]["positional"])
         raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
                               "(add 'model' to checkpoint.allow_changes if intended)")
     if "batch" not in allowed and (saved["global_batch_tokens"], saved["seq_len"]) != (
@@ -286,10 +294,15 @@ class Trainer:
         check_resume_compatible(state, self.resume_identity(), set(self.config.checkpoint.allow_changes))
 
     def _install_signal_handlers(self) -> None:
+        first_signal_at = []
+
         def handler(signum, frame):
             if self.stop_requested:
+                if time.monotonic() - first_signal_at[0] < DUPLICATE_SIGNAL_WINDOW_S:
+                    return  # the same stop delivered twice (SLURM's TERM to every process and torchrun's relay)
                 os._exit(128 + signum)  # a second signal: exit at once
             self.stop_requested = True
+            first_signal_at.append(time.monotonic())
             # A rank stuck in a hung collective or a stalled step never reaches the save: past the collective
             # timeout it is hung by definition, so end it rather than wait for the launcher's SIGKILL.
             watchdog = threading.Timer(self.config.parallel.timeout_s, os._exit, args=(128 + signum,))

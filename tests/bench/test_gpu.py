@@ -33,3 +33,16 @@ def test_bench_gpu_reports_every_section(dataset_path):
         assert float(values[f"grad_error_{name}"]) < 1e-4, (name, values[f"grad_error_{name}"])
     for call in ("rope", "tape_v", "tape_cs", "tape_one_call"):
         assert values[f"sdpa_{call}_N64"] in SDPBackend.__members__, values
+
+
+def test_gradient_errors_are_relative_with_a_floor_for_zero_gradients():
+    import torch
+
+    from tape_pretrain.bench.gpu import gradient_errors
+
+    reference = {"w": torch.tensor([3.0, 4.0]), "zero_true_gradient": torch.tensor([1e-10, -1e-10])}
+    grads = {"w": torch.tensor([3.0, 4.5]), "zero_true_gradient": torch.tensor([2e-6, 0.0])}
+    errors = gradient_errors(grads, reference)
+    assert errors["w"] == pytest.approx(0.5 / 5)
+    # floor 1e-3 * 5 / sqrt(2): noise on a zero gradient reads small, not 1e4
+    assert errors["zero_true_gradient"] == pytest.approx(2e-6 / (1e-3 * 5 / 2**0.5), rel=1e-3)

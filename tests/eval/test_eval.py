@@ -103,6 +103,7 @@ def test_passkey_scorer_is_an_exact_match_at_the_start(answer, ok):
 def test_wilson_interval_of_20_trials(successes, low, high):
     """By hand: centre (p + z²/2n) / (1 + z²/n), half-width z sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n), z = 1.96."""
     assert wilson_interval(successes, 20) == pytest.approx((low, high), abs=5e-5)
+    assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(0, 20)[0] == 0.0  # exact ends, no 0.99999...
 
 
 def read_key(tokenizer, prompt) -> str:
@@ -237,7 +238,8 @@ def test_auto_placement_is_the_training_device():
     (["--device", "cuda"], "--device cuda: torch .* cannot use CUDA here"),
     (["--dtype", "fp16"], "--dtype 'fp16': use auto, fp32 or bf16"),
     (["--passkey", "--passkey-lengths", "100"], "--passkey-lengths: passkey length 100 is too short"),
-    (["--passkey", "--passkey-depths", "0.5,1.5"], "depths in \\[0, 1\\]"),
+    (["--passkey", "--passkey-depths", "0.5,1.5"], r"^error: --passkey-depths '0.5,1.5': .*each in \[0, 1\]$"),
+    (["--passkey", "--passkey-lengths", ","], r"^error: --passkey-lengths ',': give at least one length$"),
     (["--passkey", "--passkey-trials", "0"], "--passkey-trials 0 must be positive"),
 ])
 def test_bad_eval_device_dtype_and_passkey_flags_are_one_clear_error(dataset_path, tmp_path, capsys, flags, message):
@@ -282,6 +284,25 @@ def test_bad_eval_lengths_are_one_clear_error(dataset_path, tmp_path, capsys, le
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size 0 must be a positive integer"),
+    (["--batch-size", "-1"], "--batch-size -1 must be a positive integer"),
+    (["--stride", "-1"], r"--stride -1 must be a positive integer \(omit --stride for non-overlapping windows\)"),
+    (["--stride", "0"], r"--stride 0 must be a positive integer \(omit --stride for non-overlapping windows\)"),
+    (["--max-tokens", "-5"], "--max-tokens -5 must be a positive integer"),
+    (["--max-tokens", "0"], "--max-tokens 0 must be a positive integer"),
+])
+def test_bad_eval_batch_size_stride_and_max_tokens_are_one_clear_error(dataset_path, tmp_path, capsys, flags,
+                                                                       message):
+    from tape_pretrain.cli import main
+
+    code = main(["eval", str(tmp_path / "no_export"), "--data", dataset_path, "--lengths", "32", "--out",
+                 str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.fullmatch(f"error: {message}", err), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, capsys):

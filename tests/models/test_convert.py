@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from tape_pretrain.config import ModelConfig, PositionalConfig
+from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig
 from tape_pretrain.models import build_model
 from tape_pretrain.models.convert import from_hf_llama, from_official_tape, to_hf_llama, to_official_tape
+from tests.models.test_tape_ablation import ablated, randomise
+from tests.models.test_tape_properties import TOL
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,3 +73,23 @@ def test_official_layout_missing_weight_is_named():
     del official["model.layers.2.pe.x_proj.weight"]
     with pytest.raises(ValueError, match="layers.2.positional.pe.x_proj.weight"):
         from_official_tape(official)
+
+
+@pytest.mark.parametrize("variant", ["no_attention_update", "no_mlp_update", "neither"])
+def test_an_ablated_tape_converts_to_the_full_tape_that_computes_it(variant):
+    """The official layout has both updates in every layer: an update switched off is written as zeros, and the file
+    loads back as full TAPE with the same logits (fp64; every update weight that exists away from zero)."""
+    ours = randomise(ablated(variant)).eval()
+    loaded = from_official_tape(to_official_tape(ours))
+    assert loaded.config.positional.tape_attention_update and loaded.config.positional.tape_mlp_update
+    assert loaded.state_dict().keys() == ablated("full").state_dict().keys()
+    added = loaded.state_dict().keys() - ours.state_dict().keys()
+    assert added and not any(loaded.state_dict()[name].any() for name in added)  # zeros: no weight is made up
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded(ids), ours(ids), **TOL)
+
+
+def test_only_tape_converts_to_the_official_tape_layout():
+    rope = build_model(ModelConfig(preset="tiny", vocab_size=50, positional=PositionalConfig(name="rope")))
+    with pytest.raises(ConfigError, match="only a tape model converts to the official TAPE layout, not rope"):
+        to_official_tape(rope)

@@ -138,3 +138,12 @@ def test_a_checkpoint_written_before_a_model_key_existed_resumes_with_its_defaul
     changed.model.positional.tape_mlp_update = False  # the old run had the update: refused
     with pytest.raises(CheckpointError, match="positional.tape_mlp_update"):
         check_resume_compatible(old, resume_identity(changed, vocab_size=97), set())
+
+
+def test_a_key_only_the_checkpoint_has_is_named():
+    current = resume_identity(RunConfig(), vocab_size=97)
+    newer = copy.deepcopy(current)
+    newer["model"]["positional"]["tape_future_switch"] = True
+    newer["model"]["future_width"] = 3
+    with pytest.raises(CheckpointError, match=r"differs in future_width, positional\.tape_future_switch "):
+        check_resume_compatible(newer, current, set())

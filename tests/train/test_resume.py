@@ -2,8 +2,10 @@
 losses after the resume are bitwise equal to an uninterrupted run."""
 
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +37,20 @@ def wait_for_step(run_dir, step, proc, timeout=120):
     raise AssertionError(f"step {step} not reached")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's workers), from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            kids.append(int(stat.parent.name))
+    assert kids, f"no worker processes under {pid}"
+    return kids
+
+
 def assert_bitwise_after(resumed, reference, first_step):
     steps = [s for s in reference if s > first_step]
     assert steps, "nothing left to compare"
@@ -54,7 +70,13 @@ def test_sigterm_then_same_command_resumes_bitwise(tmp_path, dataset_path, engin
     cmd = train_command(2, cfg)
     proc = start_training(cmd, step_sleep=0.5)
     wait_for_step(tmp_path / "run", 3, proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it; its own exit code is not the signal of success
+    if engine == "fsdp2":  # preemption as SLURM does it: TERM to every process, and torchrun relays one more
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)  # apart, so the workers see two signals rather than one pending
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it; its own exit code is not the signal of success
     proc.wait(timeout=60)
     saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*/COMPLETE"))
     assert len(saved) == 1, "preemption must leave exactly one complete checkpoint"

@@ -65,9 +65,15 @@ class _GradientInOutputLayout(torch.autograd.Function):
         return torch.empty_strided(grad.shape, ctx.out_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
+def needs_gradient_layout(out: torch.Tensor) -> bool:
+    """Whether ``out``'s gradient must be handed on in out's layout: on CUDA, where cuDNN's kernel may run (the CPU
+    kernels read any layout, so the copy is saved there)."""
+    return out.requires_grad and out.is_cuda
+
+
 def gradient_in_output_layout(out: torch.Tensor) -> torch.Tensor:
     """``out``, whose gradient reaches the attention kernel in out's own layout (see _GradientInOutputLayout)."""
-    if not (out.requires_grad and out.is_cuda):
+    if not needs_gradient_layout(out):
         return out
     return _GradientInOutputLayout.apply(out)
 
@@ -85,7 +91,7 @@ def attention(q, k, v, causal: bool, bias: torch.Tensor | None = None, scale: fl
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
-    return gradient_in_output_layout(out)
+    return gradient_in_output_layout(out)  # a function of this module: tests route every call through it
 
 
 def causal_mask_bias(n: int, device, dtype=torch.float32) -> torch.Tensor:
