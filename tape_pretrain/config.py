@@ -365,6 +365,21 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def with_later_defaults(recorded: dict, defaults: dict, skip: tuple[str, ...] = ()) -> dict:
+    """A recorded config (a run's, or its model's: a checkpoint's resume identity, a study's run record) with the
+    keys added to the code since it was recorded set to their defaults, at any depth: that run computed what the
+    default computes. Keys the code has since dropped stay, and so differ; top-level keys in ``skip`` stay absent."""
+    out = dict(recorded)
+    for key, value in defaults.items():
+        if key in skip:
+            continue
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_later_defaults(out[key], value)
+    return out
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-data form of a config (tuples become lists), suitable for YAML/JSON."""
     def convert(v: Any) -> Any:

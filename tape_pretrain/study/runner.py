@@ -33,6 +33,7 @@ from tape_pretrain.config import (
     read_yaml_mapping,
     set_dotted,
     to_dict,
+    with_later_defaults,
 )
 from tape_pretrain.errors import DataError
 from tape_pretrain.study.report import EVAL_RECORD, RUN_RECORD, write_report
@@ -212,21 +213,6 @@ def config_hash(config: dict, data_fingerprint: str | None = None) -> tuple[str,
     return _hash(resolved), resolved
 
 
-def _with_later_defaults(recorded: dict, defaults: dict | None = None) -> dict:
-    """A recorded resolved config with the config keys added to the code since it was recorded set to their
-    defaults (that run computed what the default computes); keys the code has since dropped stay, and differ."""
-    defaults = to_dict(RunConfig()) if defaults is None else defaults
-    out = dict(recorded)
-    for key, value in defaults.items():
-        if key in HASH_EXCLUDED:
-            continue
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _with_later_defaults(out[key], value)
-    return out
-
-
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(node, dict):
         return {prefix: node}
@@ -254,7 +240,8 @@ def reuse_conflict(run_dir: Path, digest: str, resolved: dict) -> str | None:
             record = json.loads(record_path.read_text())
         except (OSError, ValueError) as exc:
             return f"{run_dir}: {RUN_RECORD} is unreadable ({exc})"
-        if record.get("config_hash") == digest or _hash(_with_later_defaults(record.get("config", {}))) == digest:
+        recorded = with_later_defaults(record.get("config", {}), to_dict(RunConfig()), skip=HASH_EXCLUDED)
+        if record.get("config_hash") == digest or _hash(recorded) == digest:
             return None
         return f"{run_dir} was launched with another config ({config_diff(record.get('config', {}), resolved)})"
     launched = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]

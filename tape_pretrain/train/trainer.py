@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig, RunConfig, to_dict
+from tape_pretrain.config import ConfigError, ModelConfig, RunConfig, to_dict, with_later_defaults
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
 from tape_pretrain.data.manifest import load_manifest
@@ -87,9 +87,8 @@ preemption SLURM sends TERM to every process of the job while torchrun relays it
 
 def _with_defaults_of_later_keys(saved_model: dict) -> dict:
     """A checkpoint's model identity with the keys added to ModelConfig / PositionalConfig since it was written set
-    to their defaults: that run computed what the default computes (a new key's default keeps the old model)."""
-    model = {**to_dict(ModelConfig(preset=None)), **saved_model}
-    model["positional"] = {**to_dict(PositionalConfig()), **saved_model.get("positional", {})}
+    to their defaults (a new key's default keeps the old model), compared as resume_identity makes it."""
+    model = with_later_defaults(saved_model, to_dict(ModelConfig(preset=None)))
     for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
         model["positional"].pop(key, None)
     return model
