@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from tape_pretrain.config import ModelConfig, PositionalConfig
 from tape_pretrain.models import build_model
-from tape_pretrain.models.memory_probe import peak_bytes, peak_forward_bytes
 from tape_pretrain.models.positional import REGISTRY, blocked_bias
 from tape_pretrain.models.positional.alibi import ALiBiLayer, alibi_slopes
 from tape_pretrain.models.positional.fire import FIRELayer
+from tests.models.memory_probe import peak_bytes, peak_forward_bytes
 
 HEADS, HEAD_DIM, WIDTH = 4, 16, 32
 
