@@ -33,8 +33,15 @@ def cmd_prep(args) -> None:
     prepare(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, workers=args.workers,
                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                         text_field=args.text_field, overwrite=args.overwrite,
-                        chunk_docs=args.chunk_docs, dtype=args.dtype,
+                        chunk_docs=args.chunk_docs, dtype=args.dtype, segment_bytes=args.segment_bytes,
+                        num_parts=args.num_parts, part=args.part,
                         storage_options=_storage_options(args.storage_option), progress=not args.quiet))
+
+
+def cmd_data_merge(args) -> None:
+    from tape_pretrain.data.prep import merge
+
+    merge(args.url, storage_options=_storage_options(args.storage_option))
 
 
 def cmd_data_verify(args) -> None:
@@ -47,7 +54,8 @@ def cmd_data_verify(args) -> None:
 def cmd_data_inspect(args) -> None:
     from tape_pretrain.data.manifest import inspect_dataset
 
-    print(inspect_dataset(args.url, storage_options=_storage_options(args.storage_option), sample=args.sample))
+    print(inspect_dataset(args.url, storage_options=_storage_options(args.storage_option), sample=args.sample,
+                          doc_shards=args.doc_shards))
 
 
 def cmd_train(args) -> None:
@@ -196,19 +204,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--chunk-docs", type=int, default=64, help="documents per tokenization task")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    p.add_argument("--segment-bytes", type=int, default=1 << 30,
+                   help="group consecutive input files into segments of at least this many stored bytes (a hf: "
+                        "dataset is one segment); a segment is what one part prepares (default 1 GiB)")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the preparation into this many parts, run separately (e.g. a SLURM array, all with "
+                        "the same --out), then `tape-pretrain data merge URL`; the result is byte-identical to one "
+                        "run without parts (default 1: prepare and merge here)")
+    p.add_argument("--part", type=int, default=0,
+                   help="with --num-parts P: the part this run prepares, 0 to P-1 (the segments whose index is "
+                        "--part modulo P)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
 
-    data = sub.add_parser("data", help="verify or inspect a prepared dataset").add_subparsers(
+    data = sub.add_parser("data", help="verify, inspect or merge a prepared dataset").add_subparsers(
         dest="action", required=True)
-    for name, func in (("verify", cmd_data_verify), ("inspect", cmd_data_inspect)):
-        p = data.add_parser(name)
-        p.add_argument("url")
-        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    for name, func, what in (
+            ("verify", cmd_data_verify, "check every shard and offsets file against the manifest"),
+            ("inspect", cmd_data_inspect, "summarize a dataset: splits, documents and their lengths, recipe"),
+            ("merge", cmd_data_merge, "write the manifest of a prep that ran in parts (prep --num-parts P "
+                                      "--part i), once every part has finished")):
+        p = data.add_parser(name, help=what)
+        p.add_argument("url", help="dataset URL (path, file://, s3://, gs://, memory://)")
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option for the URL (repeatable)")
         if name == "inspect":
             p.add_argument("--sample", type=int, default=200, help="tokens to decode from the first shard")
+            p.add_argument("--doc-shards", type=int, default=16,
+                           help="document length percentiles come from the offsets of at most this many shards "
+                                "per split, evenly spaced")
         p.set_defaults(func=func)
 
     p = sub.add_parser("train", help="pretrain a model")
@@ -229,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on a CUDA device with bf16, else fp32), fp32 or bf16 (also on the CPU, slowly); "
                         "logits are scored in fp32")
+    p.add_argument("--attention", choices=["causal", "document"], default=None,
+                   help="causal: each token sees its whole window; document: only its own document, positions "
+                        "restarting at each document (default: the model's training mode, model.attention)")
+    p.add_argument("--within-documents", action="store_true",
+                   help="score only windows that lie inside one document (documents longer than the length)")
     p.add_argument("--passkey", action="store_true",
                    help="passkey retrieval in the LongLoRA / Landmark format, greedy, exact match")
     p.add_argument("--passkey-lengths", default=None,

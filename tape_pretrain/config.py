@@ -87,12 +87,29 @@ class ModelConfig:
     """The positional encoding, a named sub-config."""
     init_from: str | None = None
     """Start from the weights of an export directory (tape-pretrain export) instead of random init."""
+    attention: Literal["causal", "document"] = "causal"
+    """causal: every token sees all earlier tokens of its training window, across document boundaries, at positions
+    0..N-1 of the window. document: a token sees only its own document (block-causal) and positions restart at 0 at
+    each document start, for every encoding; needs a dataset whose prep recorded document offsets."""
+
+
+@dataclass
+class DataSource:
+    path: str
+    """Dataset URL written by `tape-pretrain prep`; every source of a mixture must use the same tokenizer."""
+    weight: float = 1.0
+    """Share of training windows drawn from this source (weights are normalised over the sources)."""
+    name: str | None = None
+    """Name in metrics (val_loss/<name>); the last component of the path when unset."""
 
 
 @dataclass
 class DataConfig:
     path: str | None = None
     """Dataset URL written by `tape-pretrain prep` (local path, file://, s3://, gs://, memory://)."""
+    sources: list[DataSource] = field(default_factory=list)
+    """A weighted mixture of datasets, instead of data.path: [{path: URL, weight: w, name: n}, ...]. Windows
+    interleave deterministically in proportion to the weights, whatever the world size."""
     cache_dir: str = "~/.cache/tape_pretrain/datasets"
     """Local directory where remote shards are cached after their sha256 is checked."""
     on_corrupt_shard: Literal["error", "skip"] = "error"
@@ -548,6 +565,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"trainer.eval_length_multipliers: {m} x seq_len is longer than the {windows} windows "
                               f"of seq_len each rank evaluates (trainer.eval_batches x micro_batch_size): raise "
                               f"trainer.eval_batches to at least {-(-m // t.micro_batch_size)}")
+    _validate_sources(config.data)
     o = config.optim
     if not o.lr > 0:
         raise ConfigError(f"optim.lr must be positive, got {o.lr}")
@@ -566,3 +584,30 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
     if not 0 <= s.min_lr_ratio <= 1:
         raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def source_name(source: DataSource) -> str:
+    """A source's name in metrics: data.sources[i].name, or the last component of its path."""
+    return source.name or source.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _validate_sources(data: DataConfig) -> None:
+    if not data.sources:
+        return
+    if data.path is not None:
+        raise ConfigError("data.path and data.sources are both set: a mixture lists every dataset in data.sources "
+                          "(add data.path there as one more source)")
+    names = set()
+    for i, source in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        if not source.weight > 0:
+            raise ConfigError(f"{where}.weight must be positive, got {source.weight}")
+        name = source_name(source)
+        if not SOURCE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.name {name!r}: use letters, digits, '_', '.' and '-' (it names a metric)")
+        if name in names:
+            raise ConfigError(f"{where}: two sources are named {name!r}; give each a distinct name")
+        names.add(name)

@@ -30,9 +30,16 @@ def run(steps: int = 12, warmup: int = 4) -> dict:
                      f"parallel.zero_stage={1 if torch.cuda.is_available() else 0}",  # DeepSpeed refuses ZeRO-0 in bf16
                      "checkpoint.interval=0", "trainer.eval_interval=0"]
         config = load_config(None, overrides)
-        train(config)
-        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-        trainer_step = statistics.median(r["step_time_s"] for r in lines if "loss" in r and r["step"] > warmup)
+
+        def trainer_step_time(name: str, *more: str) -> float:
+            train(load_config(None, [*overrides, f"run_dir={tmp}/{name}", *more]))
+            lines = [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
+            return statistics.median(r["step_time_s"] for r in lines if "loss" in r and r["step"] > warmup)
+
+        trainer_step = trainer_step_time("run")
+        document_step = trainer_step_time("document", "model.attention=document")
+        mixture = ", ".join(f"{{path: {url}, name: {name}, weight: {w}}}" for name, w in (("a", 5), ("b", 3), ("c", 2)))
+        mixture_step = trainer_step_time("mixture", "data.path=null", f"data.sources=[{mixture}]")
 
         from tape_pretrain.data.manifest import load_manifest
 
@@ -52,8 +59,11 @@ def run(steps: int = 12, warmup: int = 4) -> dict:
                 times.append(time.perf_counter() - t0)
         bare_step = statistics.median(times)
     print(f"trainer step {trainer_step * 1000:.1f} ms vs bare step {bare_step * 1000:.1f} ms "
-          f"(tiny TAPE, 8192 tokens/step, DeepSpeed ZeRO-0, one process)")
+          f"(tiny TAPE, 8192 tokens/step, DeepSpeed ZeRO-0, one process); model.attention=document "
+          f"{document_step * 1000:.1f} ms, a 3-source mixture {mixture_step * 1000:.1f} ms")
     result = {"trainer_step_ms": trainer_step * 1000, "bare_step_ms": bare_step * 1000,
-              "trainer_overhead": trainer_step / bare_step}
+              "trainer_overhead": trainer_step / bare_step, "document_step_ms": document_step * 1000,
+              "document_vs_causal": document_step / trainer_step, "mixture_step_ms": mixture_step * 1000,
+              "mixture_vs_single": mixture_step / trainer_step}
     print(format_result(result))
     return result

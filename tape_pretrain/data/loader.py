@@ -5,6 +5,13 @@ both Lmax long). Epoch e visits the windows in permutation P_e = rng(seed, e).pe
 global batch is the next G windows of that sequence; data-parallel rank r takes windows
 [r G/R, (r+1) G/R) of it. The order therefore does not depend on the world size, and the state is a
 few integers: {fingerprint, seed, epoch, tokens_consumed}.
+
+A mixture of sources (data.sources) interleaves the sources' own window sequences by their weights
+(tape_pretrain.data.mixture): position p of the global sequence is the k-th window of source s, a
+function of p and the weights alone. Source s > 0 permutes its windows with rng(seed, e, s).
+
+Where the dataset records document starts, every batch carries per-token document ids: equal ids mark
+one document within a row (ids are only compared, never used as positions).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import numpy as np
 import torch
 
 from tape_pretrain.data.cache import CachedSplit
+from tape_pretrain.data.mixture import Interleaving, integer_weights
 from tape_pretrain.errors import CheckpointError, DataError
 
 
 class TokenWindows:
-    """Random access to windows of ``window_len + 1`` tokens over the concatenated shards (memory-mapped)."""
+    """Random access to windows of ``window_len + 1`` tokens over the concatenated shards (memory-mapped), and to
+    the document each token belongs to where the shards' document starts are recorded."""
 
     def __init__(self, split: CachedSplit, dtype: str, window_len: int, where: str = "the split"):
         self.arrays = [np.memmap(s.path, dtype=dtype, mode="r") for s in split.shards]
@@ -31,82 +40,180 @@ class TokenWindows:
         self.num_windows = (total - 1) // window_len if total > 1 else 0
         if self.num_windows == 0:
             raise DataError(f"{where} has {total:,} tokens, too few for one window of length {window_len:,}")
+        docs = [getattr(s, "docs_path", None) for s in split.shards]
+        # Each shard's document starts (token offsets in the shard, the first 0), verified by the cache.
+        self.document_starts = [np.memmap(p, dtype="<u8", mode="r") for p in docs] if all(docs) else None
 
     @property
     def num_tokens(self) -> int:
         return int(self.starts[-1])
 
-    def gather(self, indices: np.ndarray) -> np.ndarray:
-        """[len(indices), window_len + 1] int64 tokens of windows ``indices`` (stride window_len)."""
-        return self.gather_spans(np.asarray(indices, dtype=np.int64) * self.window_len)
+    @property
+    def has_documents(self) -> bool:
+        return self.document_starts is not None
 
-    def gather_spans(self, starts: np.ndarray) -> np.ndarray:
-        """[len(starts), window_len + 1] int64 tokens beginning at the given token offsets."""
+    def gather(self, indices: np.ndarray, with_documents: bool = False):
+        """[len(indices), window_len + 1] int64 tokens of windows ``indices`` (stride window_len); with
+        ``with_documents`` also their [len(indices), window_len + 1] int32 document ids."""
+        return self.gather_spans(np.asarray(indices, dtype=np.int64) * self.window_len, with_documents)
+
+    def gather_spans(self, starts: np.ndarray, with_documents: bool = False):
+        """[len(starts), window_len + 1] int64 tokens beginning at the given token offsets (and document ids, as
+        ``gather``)."""
+        if with_documents and not self.has_documents:
+            raise DataError("this dataset records no document starts (prepared before document offsets)")
         n = self.window_len + 1
         out = np.empty((len(starts), n), dtype=np.int64)
-        for row, start in enumerate(starts):  # one slice per window, never per token
+        # 1 where a document begins inside the row; the running sum is then the row's document ids
+        begins = np.zeros((len(starts), n), dtype=np.int32) if with_documents else None
+        for row, start in enumerate(starts):  # one slice per window and shard, never per token
             start = int(start)
             shard = int(np.searchsorted(self.starts, start, side="right")) - 1
             offset = start - int(self.starts[shard])
-            piece = self.arrays[shard][offset:offset + n]
-            out[row, :len(piece)] = piece
-            filled = len(piece)
-            while filled < n:  # the window continues into the next shard(s)
-                shard += 1
-                piece = self.arrays[shard][: n - filled]
+            filled = 0
+            while filled < n:  # the window may continue into the next shard(s)
+                piece = self.arrays[shard][offset:offset + n - filled]
                 out[row, filled:filled + len(piece)] = piece
+                if begins is not None:
+                    self._mark_document_starts(begins[row], shard, offset, len(piece), filled)
                 filled += len(piece)
-        return out
+                shard, offset = shard + 1, 0
+        if begins is None:
+            return out
+        return out, np.cumsum(begins, axis=1, dtype=np.int32)
+
+    def within_document_starts(self, stride: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token offsets, is-first flags) of the windows of window_len + 1 tokens that lie inside one document:
+        every ``stride`` tokens from each document's start while the window fits, in corpus order. A window is first
+        when it starts its document."""
+        if not self.has_documents:
+            raise DataError("this dataset records no document starts (prepared before document offsets)")
+        starts = np.concatenate([s.astype(np.int64) + int(base) for s, base in zip(self.document_starts, self.starts)])
+        lengths = np.diff(np.append(starts, self.num_tokens))
+        counts = np.where(lengths > self.window_len, (lengths - self.window_len - 1) // stride + 1, 0)
+        ordinal = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # window j of its document
+        return np.repeat(starts, counts) + ordinal * stride, ordinal == 0
+
+    def _mark_document_starts(self, begins: np.ndarray, shard: int, offset: int, length: int, filled: int) -> None:
+        """Set begins[filled + j] = 1 where a document starts at token offset + j of ``shard`` (j < length); the
+        row's first token starts the row's first id whether or not a document starts there."""
+        starts = self.document_starts[shard]
+        first = int(np.searchsorted(starts, offset, side="right" if filled == 0 else "left"))
+        last = int(np.searchsorted(starts, offset + length, side="left"))
+        begins[starts[first:last].astype(np.int64) - offset + filled] = 1
 
 
 @dataclass
-class LoaderState:
+class WindowSource:
+    """One dataset of a mixture: its windows, weight and identity."""
+
+    name: str
+    windows: TokenWindows
+    weight: float
     fingerprint: str
-    seed: int
-    epoch: int
-    tokens_consumed: int
+
+
+@dataclass
+class WindowBatch:
+    """This rank's windows of one global batch."""
+
+    tokens: torch.Tensor
+    """[rows, Lmax + 1] int64."""
+    document_ids: torch.Tensor | None
+    """[rows, Lmax + 1] int32 document ids (None when the data records no document starts or they are not asked
+    for)."""
+    sources: np.ndarray
+    """[rows] the source index of each window."""
 
 
 class GlobalBatchLoader:
-    """Yields this rank's slice of each global batch as a LongTensor [G/R, Lmax+1]."""
+    """Yields this rank's slice of each global batch as a WindowBatch of [G/R, Lmax+1] tokens.
 
-    def __init__(self, windows: TokenWindows, fingerprint: str, seed: int, global_windows: int, rank: int,
-                 world_size: int, prefetch: int = 2):
+    ``sources``: one TokenWindows (a single dataset), or a mixture's WindowSources. ``documents``: deliver document
+    ids with every batch (the data must record document starts)."""
+
+    def __init__(self, sources: TokenWindows | list[WindowSource], fingerprint: str, seed: int, global_windows: int,
+                 rank: int, world_size: int, prefetch: int = 2, documents: bool = False):
         if global_windows % world_size:
             raise DataError(f"a global batch of {global_windows} windows does not split over {world_size} ranks")
-        self.windows, self.fingerprint, self.seed = windows, fingerprint, seed
+        if isinstance(sources, TokenWindows):
+            sources = [WindowSource("main", sources, 1.0, fingerprint)]
+        self.sources, self.is_mixture = sources, len(sources) > 1
+        self.windows = sources[0].windows  # the window length and, for one source, the whole data
+        if len({s.windows.window_len for s in sources}) != 1:
+            raise DataError("every source of a mixture needs the same window length")
+        if documents and not all(s.windows.has_documents for s in sources):
+            raise DataError("document ids were asked for, but a source records no document starts")
+        self.documents = documents
+        self.interleaving = Interleaving([s.weight for s in sources]) if self.is_mixture else None
+        # The interleaving continues from here: weights changed on resume (checkpoint.allow_changes: [data]) start
+        # a new interleaving at the position of the change, from each source's count of windows at that point.
+        self.base_position, self.base_counts = 0, [0] * len(sources)
+        self.fingerprint, self.seed = fingerprint, seed
         self.global_windows, self.rank, self.world_size = global_windows, rank, world_size
         self.windows_consumed = 0
         self.prefetch = prefetch
-        self._permutations: dict[int, np.ndarray] = {}
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._permutations = {epoch: rng.permutation(self.windows.num_windows)}  # keep only the current
-        return self._permutations[epoch]
+    def permutation(self, epoch: int, source: int = 0) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._permutations:
+            rng = np.random.default_rng([self.seed, epoch] if source == 0 else [self.seed, epoch, source])
+            self._permutations = {k: v for k, v in self._permutations.items() if k[0] != source}  # current only
+            self._permutations[key] = rng.permutation(self.sources[source].windows.num_windows)
+        return self._permutations[key]
 
-    def global_indices(self, first_window: int) -> np.ndarray:
-        """Window ids of the global batch starting at position ``first_window`` of the global sequence."""
-        w = self.windows.num_windows
-        positions = np.arange(first_window, first_window + self.global_windows)
-        out = np.empty(len(positions), dtype=np.int64)
-        for epoch in np.unique(positions // w):
-            mask = positions // w == epoch
-            out[mask] = self.permutation(int(epoch))[positions[mask] % w]
+    def _source_windows(self, source: int, ordinals: np.ndarray) -> np.ndarray:
+        """Window ids of a source's windows number ``ordinals`` in its own sequence (epoch after epoch)."""
+        w = self.sources[source].windows.num_windows
+        out = np.empty(len(ordinals), dtype=np.int64)
+        for epoch in np.unique(ordinals // w):
+            mask = ordinals // w == epoch
+            out[mask] = self.permutation(int(epoch), source)[ordinals[mask] % w]
         return out
 
-    def rank_batch(self, first_window: int) -> torch.Tensor:
+    def global_windows_at(self, first_window: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window id) [G] of the global batch starting at position ``first_window`` of the sequence."""
+        if not self.is_mixture:
+            ordinals = np.arange(first_window, first_window + self.global_windows)
+            return np.zeros(self.global_windows, dtype=np.int64), self._source_windows(0, ordinals)
+        sources, ordinals = self.interleaving.windows(first_window - self.base_position, self.global_windows)
+        ordinals += np.asarray(self.base_counts, dtype=np.int64)[sources]
+        ids = np.empty_like(ordinals)
+        for s in np.unique(sources):
+            mask = sources == s
+            ids[mask] = self._source_windows(int(s), ordinals[mask])
+        return sources, ids
+
+    def global_indices(self, first_window: int) -> np.ndarray:
+        """The global batch's window ids (one source), or [2, G] (source, window id) for a mixture."""
+        sources, ids = self.global_windows_at(first_window)
+        return np.stack([sources, ids]) if self.is_mixture else ids
+
+    def rank_batch(self, first_window: int) -> WindowBatch:
         per_rank = self.global_windows // self.world_size
-        indices = self.global_indices(first_window)[self.rank * per_rank:(self.rank + 1) * per_rank]
-        return torch.from_numpy(self.windows.gather(indices))
+        sources, ids = self.global_windows_at(first_window)
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        sources, ids = sources[mine], ids[mine]
+        n = self.windows.window_len + 1
+        tokens = np.empty((per_rank, n), dtype=np.int64)
+        documents = np.empty((per_rank, n), dtype=np.int32) if self.documents else None
+        for s in np.unique(sources):
+            rows = np.flatnonzero(sources == s)
+            got = self.sources[int(s)].windows.gather(ids[rows], with_documents=self.documents)
+            if self.documents:
+                tokens[rows], documents[rows] = got
+            else:
+                tokens[rows] = got
+        return WindowBatch(torch.from_numpy(tokens), None if documents is None else torch.from_numpy(documents),
+                           sources)
 
     # -- iteration with optional background prefetch --------------------------------------------
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> WindowBatch:
         if self.prefetch <= 0:
             batch = self.rank_batch(self.windows_consumed)
         else:
@@ -149,10 +256,22 @@ class GlobalBatchLoader:
 
     # -- state -----------------------------------------------------------------------------------
 
+    def source_counts(self) -> list[int]:
+        """Windows consumed from each source so far."""
+        if not self.is_mixture:
+            return [self.windows_consumed]
+        done = self.interleaving.counts(self.windows_consumed - self.base_position)
+        return [base + n for base, n in zip(self.base_counts, done)]
+
     def state_dict(self) -> dict:
         w = self.windows.num_windows
-        return {"fingerprint": self.fingerprint, "seed": self.seed, "epoch": self.windows_consumed // w,
-                "tokens_consumed": self.windows_consumed * self.windows.window_len}
+        state = {"fingerprint": self.fingerprint, "seed": self.seed, "epoch": self.windows_consumed // w,
+                 "tokens_consumed": self.windows_consumed * self.windows.window_len}
+        if self.is_mixture:
+            state["mixture"] = {"sources": [{"name": s.name, "fingerprint": s.fingerprint, "weight": s.weight}
+                                            for s in self.sources],
+                                "base_position": self.base_position, "base_counts": list(self.base_counts)}
+        return state
 
     def load_state_dict(self, state: dict, allow_fingerprint_change: bool = False) -> None:
         if state["fingerprint"] != self.fingerprint and not allow_fingerprint_change:
@@ -164,5 +283,28 @@ class GlobalBatchLoader:
             raise CheckpointError(f"loader state: tokens_consumed {state['tokens_consumed']} is not a multiple "
                                   f"of the window length {self.windows.window_len}")
         self.close()
-        self.windows_consumed = state["tokens_consumed"] // self.windows.window_len
+        position = state["tokens_consumed"] // self.windows.window_len
+        self._load_mixture(state.get("mixture"), position, allow_fingerprint_change)
+        self.windows_consumed = position
         self.seed = state["seed"]
+
+    def _load_mixture(self, saved: dict | None, position: int, allow_change: bool) -> None:
+        names = [s.name for s in self.sources]
+        saved_names = [s["name"] for s in saved["sources"]] if saved else ["main"]
+        if saved_names != names and (saved or self.is_mixture):
+            raise CheckpointError(f"the checkpoint's data sources {saved_names} differ from this run's {names}: "
+                                  "sources cannot be added, removed or renamed on resume (start a new run, with "
+                                  "model.init_from the export)")
+        if not self.is_mixture:
+            return
+        weights, saved_weights = [s.weight for s in self.sources], [s["weight"] for s in saved["sources"]]
+        self.base_position, self.base_counts = int(saved["base_position"]), [int(c) for c in saved["base_counts"]]
+        if integer_weights(weights) == integer_weights(saved_weights):
+            return
+        if not allow_change:
+            raise CheckpointError(f"data.sources weights {weights} differ from the checkpoint's {saved_weights}: "
+                                  "the mixture would change (add 'data' to checkpoint.allow_changes if intended)")
+        # continue each source where it stopped, interleaved by the new weights from here on
+        old = Interleaving(saved_weights).counts(position - self.base_position)
+        self.base_counts = [base + n for base, n in zip(self.base_counts, old)]
+        self.base_position = position

@@ -6,6 +6,11 @@ SRC forms:
   ``*.parquet`` (one per row); the text field is configurable (default ``text``)
 - ``builtin:python-stdlib``: the running Python's standard-library sources, present on every machine
 
+Segments: prep cuts the corpus into deterministic segments (``list_segments``), runs of consecutive input files
+whose stored sizes add up to at least ``segment_bytes`` (a ``hf:`` dataset is always one segment of its own), so
+that parts of one prep can run on different machines. The segments in order hold exactly the documents
+``iter_documents`` yields.
+
 Every document is normalized the same way whatever its source (``TEXT_NORMALIZATION`` names the rules, and
 prep records it, so a change here is a different dataset): NUL characters are removed, and CRLF and lone
 CR line endings become LF, so text from Windows or old Mac files tokenizes like the same text from Unix.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -114,46 +120,54 @@ def _parquet_documents(fs, path: str, text_field: str) -> Iterator[str]:
             raise DataError(f"{path}: corrupt parquet data ({exc})") from None
 
 
-def _input_files(spec: str, storage_options):
-    """(filesystem, sorted file paths) of a path, glob or folder input; DataError if nothing matches."""
+def _input_file_sizes(spec: str, storage_options):
+    """(filesystem, sorted (path, stored size) pairs) of a path, glob or folder input; DataError if nothing
+    matches. Sizes come from the listing: no file is read."""
     fs, _ = open_url(spec, storage_options)
     try:
-        paths = sorted(fs.glob(fs._strip_protocol(spec))) if any(c in spec for c in "*?[") else [
-            fs._strip_protocol(spec)]
-        if len(paths) == 1 and fs.isdir(paths[0]):
-            paths = sorted(p for p in fs.find(paths[0]) if p.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",)))
+        if any(c in spec for c in "*?["):
+            listed = fs.glob(fs._strip_protocol(spec), detail=True)
+        else:
+            path = fs._strip_protocol(spec)
+            listed = {path: fs.info(path)} if fs.exists(path) else {}
+        if len(listed) == 1 and next(iter(listed.values())).get("type") == "directory":
+            listed = {p: info for p, info in fs.find(next(iter(listed)), detail=True).items()
+                      if p.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",))}
     except (OSError, ValueError) as exc:
         raise DataError(f"{spec}: cannot list input ({exc})") from None
-    if not paths or not fs.exists(paths[0]):
+    if not listed:
         raise DataError(f"{spec}: no input files match")
-    return fs, paths
+    return fs, [(path, int(listed[path].get("size") or 0)) for path in sorted(listed)]
 
 
-def check_inputs(specs: list[str], storage_options=None) -> None:
-    """Every file input matches at least one file (checked before prep --overwrite deletes anything)."""
-    for spec in specs:
-        if not spec.startswith(("builtin:", "hf:")):
-            _input_files(spec, storage_options)
+def _input_files(spec: str, storage_options):
+    """(filesystem, sorted file paths) of a path, glob or folder input; DataError if nothing matches."""
+    fs, files = _input_file_sizes(spec, storage_options)
+    return fs, [path for path, _ in files]
+
+
+def _one_file_documents(fs, path: str, text_field: str, stats: SourceStats) -> Iterator[str]:
+    stats.files += 1
+    if path.endswith(".parquet"):
+        yield from _parquet_documents(fs, path, text_field)
+        return
+    try:
+        raw = read_bytes(fs, path)
+    except (OSError, StorageError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    stats.bytes_read += len(raw)
+    if path.endswith(JSONL_SUFFIXES):
+        yield from _jsonl_documents(raw, path, text_field, stats)
+    elif path.endswith(TEXT_SUFFIXES) or "." not in Path(path).name:
+        yield _decode(raw, stats)
+    else:
+        raise DataError(f"{path}: unsupported file type (use .txt, .jsonl[.gz|.zst] or .parquet)")
 
 
 def _file_documents(spec: str, text_field: str, stats: SourceStats, storage_options) -> Iterator[str]:
     fs, paths = _input_files(spec, storage_options)
     for path in paths:
-        stats.files += 1
-        if path.endswith(".parquet"):
-            yield from _parquet_documents(fs, path, text_field)
-            continue
-        try:
-            raw = read_bytes(fs, path)
-        except (OSError, StorageError) as exc:
-            raise DataError(f"{path}: cannot read ({exc})") from None
-        stats.bytes_read += len(raw)
-        if path.endswith(JSONL_SUFFIXES):
-            yield from _jsonl_documents(raw, path, text_field, stats)
-        elif path.endswith(TEXT_SUFFIXES) or "." not in Path(path).name:
-            yield _decode(raw, stats)
-        else:
-            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl[.gz|.zst] or .parquet)")
+        yield from _one_file_documents(fs, path, text_field, stats)
 
 
 def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
@@ -179,6 +193,25 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
         yield record[text_field]
 
 
+def _normalized(inner: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    """The non-empty documents of ``inner`` with NULs removed and LF line endings; counted in ``stats``."""
+    for text in inner:
+        if not text.strip():
+            stats.empty_skipped += 1
+            continue
+        if "\x00" in text:
+            stats.nul_removed += 1
+            text = text.replace("\x00", "")
+            if not text.strip():
+                stats.empty_skipped += 1
+                continue
+        if "\r" in text:
+            stats.newlines_normalized += 1
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        stats.documents += 1
+        yield text
+
+
 def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStats | None = None,
                    storage_options=None) -> Iterator[str]:
     """Non-empty, normalized documents of every source, in a fixed order; counts empty and repaired ones in
@@ -192,21 +225,76 @@ def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStat
             inner = _hf_documents(spec, text_field)
         else:
             inner = _file_documents(spec, text_field, stats, storage_options)
-        count = 0
-        for text in inner:
-            if not text.strip():
-                stats.empty_skipped += 1
-                continue
-            if "\x00" in text:
-                stats.nul_removed += 1
-                text = text.replace("\x00", "")
-                if not text.strip():
-                    stats.empty_skipped += 1
-                    continue
-            if "\r" in text:
-                stats.newlines_normalized += 1
-                text = text.replace("\r\n", "\n").replace("\r", "\n")
-            stats.documents += 1
-            count += 1
-            yield text
-        stats.per_source[spec] = count
+        before = stats.documents
+        yield from _normalized(inner, stats)
+        stats.per_source[spec] = stats.documents - before
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive input files (or one whole ``hf:`` dataset) that prep treats as a unit: its val split,
+    shard boundaries and shard names depend on its documents alone."""
+
+    index: int
+    files: tuple[tuple[str, str, int], ...] = ()
+    """(input spec, file path, stored size in bytes), in corpus order."""
+    hf: str = ""
+    """A ``hf:`` input read whole, instead of files."""
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(size for _, _, size in self.files)
+
+    def describe(self) -> str:
+        if self.hf:
+            return self.hf
+        first, last = self.files[0][1], self.files[-1][1]
+        return first if len(self.files) == 1 else f"{first} … {last} ({len(self.files)} files)"
+
+
+def list_segments(specs: list[str], segment_bytes: int, storage_options=None) -> list[Segment]:
+    """The corpus's segments in order: consecutive files (across inputs) grouped until their stored sizes reach
+    ``segment_bytes``; each ``hf:`` input is a segment of its own. Depends only on the file listing (names and
+    sizes), so every machine computes the same segments; DataError if an input matches nothing."""
+    segments: list[Segment] = []
+    pending: list[tuple[str, str, int]] = []
+    pending_bytes = 0
+
+    def close() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            segments.append(Segment(len(segments), tuple(pending)))
+            pending, pending_bytes = [], 0
+
+    for spec in specs:
+        if spec.startswith("hf:"):
+            close()
+            segments.append(Segment(len(segments), hf=spec))
+            continue
+        if spec.startswith("builtin:"):
+            files = [(path, os.path.getsize(path)) for path in builtin_corpus(spec.removeprefix("builtin:"))]
+        else:
+            files = _input_file_sizes(spec, storage_options)[1]
+        for path, size in files:
+            pending.append((spec, path, size))
+            pending_bytes += size
+            if pending_bytes >= segment_bytes:
+                close()
+    close()
+    return segments
+
+
+def iter_segment_documents(segment: Segment, text_field: str, stats: SourceStats,
+                           storage_options=None) -> Iterator[str]:
+    """The normalized documents of one segment, exactly as ``iter_documents`` yields them within the corpus."""
+    if segment.hf:
+        yield from _normalized(_hf_documents(segment.hf, text_field), stats)
+        return
+
+    def inner() -> Iterator[str]:
+        for spec, path, _ in segment.files:
+            local = spec.startswith("builtin:")
+            fs = open_url(path)[0] if local else open_url(spec, storage_options)[0]
+            yield from _one_file_documents(fs, path, text_field, stats)
+
+    yield from _normalized(inner(), stats)

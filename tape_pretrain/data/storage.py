@@ -7,6 +7,7 @@ import os
 import posixpath
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -152,10 +153,12 @@ def is_local(fs) -> bool:
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     """Write so that readers see the whole object or nothing: a temp name then a rename on local
-    disks; object stores publish an object only when its upload completes."""
+    disks; object stores publish an object only when its upload completes. The temp name is private to this
+    writer (``PATH.<12 hex>.tmp``), so that writers of the same file (parts of one prep on a shared disk) never
+    clobber each other's half-written bytes."""
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)

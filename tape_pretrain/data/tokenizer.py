@@ -65,17 +65,24 @@ class Tokenizer:
 
     def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Token ids of the documents, each followed by EOS, concatenated; and the document count."""
+        tokens, starts = self.encode_documents_with_starts(texts)
+        return tokens, len(starts)
+
+    def encode_documents_with_starts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """As ``encode_documents``, with the int64 offset in the tokens where each document starts (the first 0)."""
         ids = self.processor.encode(texts, out_type=int, num_threads=1)
         eos = self.eos_id
-        total = sum(map(len, ids)) + len(ids)
-        out = np.empty(total, dtype=self.token_dtype())
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+        starts = np.zeros(len(ids), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        out = np.empty(int(lengths.sum()), dtype=self.token_dtype())
         pos = 0
         for doc in ids:  # one slice assignment per document; the per-token work is in C
             n = len(doc)
             out[pos:pos + n] = doc
             out[pos + n] = eos
             pos += n + 1
-        return out, len(ids)
+        return out, starts
 
     def decode(self, ids) -> str:
         return self.processor.decode([int(i) for i in ids])

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel
 
 from tape_pretrain.config import ConfigError
-from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, lm_loss
+from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, forward_kwargs, lm_loss
 from tape_pretrain.distributed.fsdp_engine import consolidate_dcp_checkpoint
 from tape_pretrain.utils.safe_load import safe_dcp_load
 
@@ -37,11 +37,11 @@ class DDPEngine(Engine):
         self.module = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.optimizer = adamw(model, setup.optim)
 
-    def train_micro_step(self, inputs, labels, is_boundary):
+    def train_micro_step(self, inputs, labels, is_boundary, document_ids=None):
         # all-reduce once per optimizer step: the micro-batches before the boundary only accumulate
         sync = contextlib.nullcontext() if is_boundary else self.module.no_sync()
         with sync:
-            loss = lm_loss(self.module(inputs), labels)
+            loss = lm_loss(self.module(inputs, **forward_kwargs(document_ids)), labels)
             (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -55,8 +55,8 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def eval_logits(self, inputs):
-        return self.model(inputs)  # no gradient: no DDP hooks needed
+    def eval_logits(self, inputs, document_ids=None):
+        return self.model(inputs, **forward_kwargs(document_ids))  # no gradient: no DDP hooks needed
 
     def full_state_dict(self):
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.env.is_main else {}

@@ -10,7 +10,7 @@ import torch
 
 from tape_pretrain.config import ConfigError
 from tape_pretrain.distributed import deepspeed_adapter as adapter
-from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, lm_loss
+from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, forward_kwargs, lm_loss
 from tape_pretrain.distributed.env import all_agree_all, barrier
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.utils.safe_load import deepspeed_safe_globals, weights_only_loading
@@ -112,8 +112,8 @@ class DeepSpeedEngine(Engine):
                 elif self.env.is_main:
                     self._frozen_fp32[name] = value
 
-    def train_micro_step(self, inputs, labels, is_boundary):
-        loss = lm_loss(self.engine(inputs), labels)
+    def train_micro_step(self, inputs, labels, is_boundary, document_ids=None):
+        loss = lm_loss(self.engine(inputs, **forward_kwargs(document_ids)), labels)
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
         if not is_boundary:
             self.engine.step()  # accumulation bookkeeping only; the optimizer steps at the boundary
@@ -133,8 +133,8 @@ class DeepSpeedEngine(Engine):
             norm = pre_clip_norm
         return norm if norm is not None else float("nan")
 
-    def eval_logits(self, inputs):
-        return self.engine(inputs)
+    def eval_logits(self, inputs, document_ids=None):
+        return self.engine(inputs, **forward_kwargs(document_ids))
 
     def _to_universal(self, directory: str) -> str:
         """Convert a checkpoint saved on another data-parallel size to DeepSpeed's universal format. Each node's

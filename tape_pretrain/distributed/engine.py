@@ -37,6 +37,11 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
+def forward_kwargs(document_ids: torch.Tensor | None) -> dict:
+    """The model's keyword arguments for a micro-batch: none in causal mode (the call is exactly the causal one)."""
+    return {} if document_ids is None else {"document_ids": document_ids}
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32; logits [B,N,V], labels [B,N]."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
@@ -150,15 +155,17 @@ class Engine:
         if parallel.compile:
             compile_blocks(model)
 
-    def train_micro_step(self, inputs: torch.Tensor, labels: torch.Tensor, is_boundary: bool) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns the detached loss."""
+    def train_micro_step(self, inputs: torch.Tensor, labels: torch.Tensor, is_boundary: bool,
+                         document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward + backward of one micro-batch (document attention where ``document_ids`` are given); returns the
+        detached loss."""
         raise NotImplementedError
 
     def optimizer_step(self, lr: float) -> torch.Tensor | float:
         """Clip, step, zero grads; returns the pre-clip global grad norm."""
         raise NotImplementedError
 
-    def eval_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def eval_logits(self, inputs: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def save(self, directory: str) -> None:

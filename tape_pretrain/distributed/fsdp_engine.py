@@ -18,7 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tape_pretrain.config import ConfigError
-from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, lm_loss
+from tape_pretrain.distributed.engine import Engine, EngineSetup, ModelSource, adamw, forward_kwargs, lm_loss
 from tape_pretrain.distributed.env import DistEnv
 from tape_pretrain.utils.safe_load import safe_dcp_load
 
@@ -56,9 +56,9 @@ class FSDP2Engine(Engine):
         # group of their own, or the two interleave on one gloo/NCCL group and deadlock.
         self._checkpoint_group = torch.distributed.new_group(backend="gloo") if setup.async_save else None
 
-    def train_micro_step(self, inputs, labels, is_boundary):
+    def train_micro_step(self, inputs, labels, is_boundary, document_ids=None):
         self.module.set_requires_gradient_sync(is_boundary)  # reduce-scatter once per optimizer step
-        loss = lm_loss(self.module(inputs), labels)
+        loss = lm_loss(self.module(inputs, **forward_kwargs(document_ids)), labels)
         (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -75,8 +75,8 @@ class FSDP2Engine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def eval_logits(self, inputs):
-        return self.module(inputs)
+    def eval_logits(self, inputs, document_ids=None):
+        return self.module(inputs, **forward_kwargs(document_ids))
 
     def full_state_dict(self):
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -77,10 +77,15 @@ def preflight(config: RunConfig | None, env: DistEnv) -> tuple[str, list[str]]:
     manifest = None
     if config is not None:
         try:
-            manifest, fp = load_manifest(config.data.path, config.data.storage_options) if config.data.path else (
-                None, None)
-            lines["dataset"] = (f"{config.data.path} ({manifest.num_tokens('train'):,} train tokens, "
-                                f"fingerprint {fp[:12]})") if manifest else "data.path not set"
+            datasets = [(s.path, s.weight) for s in config.data.sources] or (
+                [(config.data.path, 1.0)] if config.data.path else [])
+            described = []
+            for path, weight in datasets:
+                found, fp = load_manifest(path, config.data.storage_options)
+                manifest = manifest or found
+                share = f", weight {weight:g}" if len(datasets) > 1 else ""
+                described.append(f"{path} ({found.num_tokens('train'):,} train tokens, fingerprint {fp[:12]}{share})")
+            lines["dataset"] = "; ".join(described) or "data.path not set"
         except (DataError, StorageError, OSError) as exc:
             problems.append(f"dataset: {exc}")
         try:

@@ -61,7 +61,7 @@ def eval_placement(device="auto", dtype="auto") -> tuple[torch.device, torch.dty
 
 @torch.no_grad()
 def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, device, stride: int | None = None,
-               rank: int = 0, world_size: int = 1) -> dict:
+               rank: int = 0, world_size: int = 1, attention: str = "causal", within_documents: bool = False) -> dict:
     """exp(mean next-token loss) over the first windows of the split (about max_tokens scored tokens).
 
     Without a stride the windows do not overlap and every token is scored. With a stride S < length, windows
@@ -69,25 +69,41 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
     predicted once, with at least length - S tokens of context. Under several ranks each takes every
     world_size-th window and the sums are all-reduced. The loss is computed from fp32 logits whatever the
     model's dtype; ``device`` is the model's.
+
+    ``attention``: ``causal`` (every token sees its whole window) or ``document`` (only its own document, positions
+    from its start). ``within_documents``: only windows inside one document, S apart from each document's start (the
+    first window of a document scores all its tokens), so that every scored token has its document's own context of
+    up to ``length`` tokens and nothing else.
     """
     length = windows.window_len
     stride = stride or length
     if not 0 < stride <= length:
         raise ValueError(f"stride {stride} must be in (0, {length}]")
-    last_start = windows.num_tokens - length - 1
-    count = max(1, min(last_start // stride + 1, max_tokens // stride))
-    starts = np.arange(count, dtype=np.int64) * stride
+    if within_documents:
+        starts, first = windows.within_document_starts(stride)
+        if len(starts) == 0:
+            raise ConfigError(f"--within-documents: no document of the val split is longer than {length} tokens")
+        count = max(1, min(len(starts), max_tokens // stride))
+        starts, first = starts[:count], first[:count]
+    else:
+        last_start = windows.num_tokens - length - 1
+        count = max(1, min(last_start // stride + 1, max_tokens // stride))
+        starts = np.arange(count, dtype=np.int64) * stride
+        first = starts == 0
+    documents = attention == "document"
     mine = np.arange(rank, count, world_size)
     # on the model's device: no host sync per batch, and NCCL (GPU) can only all-reduce device tensors
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for first in range(0, len(mine), batch_size):
-        batch_ids = mine[first:first + batch_size]
-        tokens = torch.from_numpy(windows.gather_spans(starts[batch_ids])).to(device)
-        logits = model(tokens[:, :-1])  # SDPA's fused kernels keep memory linear in length
+    for begin in range(0, len(mine), batch_size):
+        batch_ids = mine[begin:begin + batch_size]
+        gathered = windows.gather_spans(starts[batch_ids], with_documents=documents)
+        tokens = torch.from_numpy(gathered[0] if documents else gathered).to(device)
+        kwargs = {"document_ids": torch.from_numpy(gathered[1][:, :-1]).to(device)} if documents else {}
+        logits = model(tokens[:, :-1], **kwargs)  # SDPA's fused kernels keep memory linear in length
         losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
         losses = losses.view(len(batch_ids), length)
         scored = torch.full((len(batch_ids), length), True, device=losses.device)
-        scored[torch.from_numpy(batch_ids) > 0, : length - stride] = False
+        scored[torch.from_numpy(~first[batch_ids]), : length - stride] = False
         sums += torch.stack([losses[scored].double().sum(), scored.sum().double()])
     if world_size > 1:
         import torch.distributed as dist
@@ -100,16 +116,25 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
 
 def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, max_tokens: int, batch_size: int,
                      device="auto", storage_options=None, stride: int | None = None, rank: int = 0,
-                     world_size: int = 1, dtype="auto") -> dict[int, dict]:
+                     world_size: int = 1, dtype="auto", attention: str | None = None,
+                     within_documents: bool = False) -> dict[int, dict]:
     """``perplexity`` at each length on the val split, the model moved to ``device`` in ``dtype`` (see
-    ``eval_placement``; the defaults pick what training would)."""
+    ``eval_placement``; the defaults pick what training would). ``attention`` None follows the model's training
+    (model.attention)."""
     device, dtype = eval_placement(device, dtype)
     model.to(device=device, dtype=dtype)
-    placement = {"device": str(device), "dtype": dtype_name(dtype)}
+    attention = attention or model.config.attention
+    placement = {"device": str(device), "dtype": dtype_name(dtype), "attention": attention,
+                 "within_documents": within_documents}
     manifest, fp = load_manifest(data_url, storage_options)
     split = cache_split(data_url, manifest, fp, "val", cache_dir, storage_options)
     # every length's windows first: a length the split cannot hold fails before any evaluation runs
     windows = {n: TokenWindows(split, manifest.dtype, n, where=f"{data_url}: the val split") for n in lengths}
+    if (attention == "document" or within_documents) and not windows[lengths[0]].has_documents:
+        what = "--within-documents" if within_documents else "document attention"
+        raise ConfigError(f"{what} needs document boundaries, but {data_url} records none (prepared before document "
+                          "offsets): prep it again, or evaluate with --attention causal")
     return {n: perplexity(model, w, max_tokens, batch_size, device, stride=min(stride, n) if stride else None,
-                          rank=rank, world_size=world_size) | placement
+                          rank=rank, world_size=world_size, attention=attention,
+                          within_documents=within_documents) | placement
             for n, w in windows.items()}

@@ -58,7 +58,8 @@ def _evaluate(args) -> dict:
     try:
         results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
                                    args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
-                                   world_size=world, dtype=dtype)
+                                   world_size=world, dtype=dtype, attention=args.attention,
+                                   within_documents=args.within_documents)
     finally:
         if env is not None:
             from tape_pretrain.distributed.env import shutdown

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_pretrain.config import ModelConfig
-from tape_pretrain.models.positional import REGISTRY, PositionalLayer
+from tape_pretrain.models.positional import REGISTRY, DocumentLayout, PositionalLayer
 from tape_pretrain.models.presets import resolve_model_config
 
 
@@ -45,9 +45,9 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, h, state, positional: PositionalLayer, causal: bool):
+    def forward(self, h, state, positional: PositionalLayer, causal: bool, documents: DocumentLayout | None = None):
         q, k, v = (self.split_heads(proj(h)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out, state = positional.attend(q, k, v, state, causal)  # [B,H,N,D]
+        out, state = positional.attend(q, k, v, state, causal, documents=documents)  # [B,H,N,D]
         b, _, n, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), state
 
@@ -72,8 +72,8 @@ class Block(nn.Module):
         self.mlp = MLP(config.hidden_size, config.ffn_hidden_size)
         self.positional = positional
 
-    def forward(self, x, state, causal: bool = True):
-        a, state = self.self_attn(self.input_layernorm(x), state, self.positional, causal)
+    def forward(self, x, state, causal: bool = True, documents: DocumentLayout | None = None):
+        a, state = self.self_attn(self.input_layernorm(x), state, self.positional, causal, documents)
         x = x + a
         m = self.mlp(self.post_attention_layernorm(x))
         x = x + m
@@ -81,7 +81,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. ``forward(input_ids [B,N]) -> logits [B,N,V]``; positions start at 0 in each row."""
+    """Decoder-only LM. ``forward(input_ids [B,N]) -> logits [B,N,V]``; positions start at 0 in each row, or with
+    ``document_ids`` [B,N] at each document start (see forward)."""
 
     def __init__(self, config: ModelConfig, initialise: bool = True):
         super().__init__()
@@ -130,15 +131,31 @@ class Transformer(nn.Module):
                 param.copy_(self.initial_value(name, param.shape))
 
     def forward(self, input_ids: torch.Tensor, causal: bool = True, position_offset: int = 0,
-                initial_state=None) -> torch.Tensor:
+                initial_state=None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B,N,V] of input_ids [B,N].
+
+        ``document_ids`` [B,N] (integers on the input's device) switches on document mode for rows that pack several
+        documents: tokens of one document are contiguous and share an id, and a document starts wherever the id
+        differs from the previous token's (and at the row start). Attention is then block-causal (a token sees only
+        its own document, up to itself) and every encoding's positions restart at position_offset at each document
+        start, so each document gets the logits it would get alone. Only with causal=True."""
         x = self.embed_tokens(input_ids)  # [B,N,d]
         b, n = input_ids.shape
+        documents = None
+        if document_ids is not None:
+            if not causal:
+                raise ValueError("document_ids needs causal=True (document mode is block-causal)")
+            if document_ids.shape != input_ids.shape or document_ids.device != input_ids.device:
+                raise ValueError(f"document_ids is {list(document_ids.shape)} on {document_ids.device}, input_ids "
+                                 f"{list(input_ids.shape)} on {input_ids.device}: give one document id per token, on "
+                                 f"the device of input_ids")
+            documents = DocumentLayout.from_ids(document_ids)  # once per forward: every layer shares its masks
         state = initial_state
         if state is None:
-            state = self.positional.initial_state(b, n, input_ids.device, x.dtype,
-                                                  offset=position_offset, causal=causal)
+            state = self.positional.initial_state(b, n, input_ids.device, x.dtype, offset=position_offset,
+                                                  causal=causal, documents=documents)
         for layer in self.layers:
-            x, state = layer(x, state, causal)
+            x, state = layer(x, state, causal, documents)
         return self.lm_head(self.norm(x))  # [B,N,V]
 
     def num_parameters(self) -> int:

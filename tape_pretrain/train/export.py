@@ -156,7 +156,8 @@ def _export(path: Path, state: dict, out: str) -> None:
             raise CheckpointError(f"{path}: consolidated weights lack {sorted(missing - frozen)[:3]}")
         weights = {**{k: model_state[k] for k in missing}, **weights}
     tokenizer = None
-    data_path = state.get("config", {}).get("data", {}).get("path")
+    data = state.get("config", {}).get("data", {})
+    data_path = data.get("path") or next((s.get("path") for s in data.get("sources") or []), None)  # a mixture's first
     if data_path:
         try:
             from tape_pretrain.data.manifest import TOKENIZER

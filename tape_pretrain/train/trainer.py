@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tape_pretrain.config import ConfigError, ModelConfig, RunConfig, to_dict, with_later_defaults
-from tape_pretrain.data.cache import cache_split
-from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows
-from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.data.loader import TokenWindows, WindowBatch
 from tape_pretrain.distributed.engine import build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
 from tape_pretrain.errors import CheckpointError, DataError, StorageError
@@ -32,6 +30,7 @@ from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
 from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.train.run_lock import lock_run_directory
 from tape_pretrain.train.schedule import Curriculum, learning_rate
+from tape_pretrain.train.training_data import load_training_data
 from tape_pretrain.utils.redact import redact, redact_text
 
 
@@ -142,12 +141,6 @@ class Trainer:
         t = config.trainer
         self.run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
         self.run_dir = self.run_directory.local  # a remote run directory is staged here and uploaded at checkpoints
-        if config.data.path is None:
-            raise ConfigError("data.path is not set: point it at a dataset written by `tape-pretrain prep`")
-        manifest, self.fingerprint = load_manifest(config.data.path, config.data.storage_options)
-        self.manifest = manifest
-        self.model_config = resolve_run_model_config(config, int(manifest.tokenizer["vocab_size"]))
-
         self.global_windows = t.global_batch_tokens // t.seq_len
         if self.global_windows % env.world_size:
             raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} is {self.global_windows} "
@@ -158,20 +151,11 @@ class Trainer:
                               f"trainer.micro_batch_size={t.micro_batch_size}")
         self.grad_accum = per_rank // t.micro_batch_size
 
-        train_split = self._cache("train")
-        self.skipped_shards = train_split.skipped
-        train_windows = TokenWindows(train_split, manifest.dtype, t.seq_len,
-                                     where=f"{config.data.path}: the train split")
-        self.loader = GlobalBatchLoader(train_windows, self.fingerprint, config.seed, self.global_windows, env.rank,
-                                        env.world_size, prefetch=config.data.prefetch_batches)
-        val_split = self._cache("val")
-        self.val_windows = TokenWindows(val_split, manifest.dtype, t.seq_len) if val_split.num_tokens > t.seq_len \
-            else None
-        if self.val_windows is None and env.is_main:
-            print(f"warning: the val split of {redact_text(config.data.path)} has {val_split.num_tokens} tokens, "
-                  f"too few for one window of trainer.seq_len={t.seq_len}: no val_loss will be logged (prep with a "
-                  "larger --val-fraction)", flush=True)
-        self.length_windows = self._length_windows(val_split, manifest.dtype)
+        self.data = load_training_data(config, env, self.global_windows)
+        self.manifest, self.fingerprint = self.data.manifest, self.data.fingerprint
+        self.loader, self.skipped_shards = self.data.loader, self.data.skipped_shards
+        self.document_mode = config.model.attention == "document"
+        self.model_config = resolve_run_model_config(config, int(self.manifest.tokenizer["vocab_size"]))
         self.curriculum = run_curriculum(config)
 
         with torch.device("meta"):  # for FLOP counts (MFU); built before seeding: construction draws a number
@@ -198,33 +182,6 @@ class Trainer:
         self._test_step_sleep = float(os.environ.get("TAPE_PRETRAIN_TEST_STEP_SLEEP", "0"))
 
     # -- setup -----------------------------------------------------------------------------------
-
-    def _cache(self, split: str):
-        c = self.config.data
-        if self.env.local_rank == 0:
-            result = cache_split(c.path, self.manifest, self.fingerprint, split, c.cache_dir, c.storage_options,
-                                 c.on_corrupt_shard)
-        barrier(self.env)
-        if self.env.local_rank != 0:
-            result = cache_split(c.path, self.manifest, self.fingerprint, split, c.cache_dir, c.storage_options,
-                                 c.on_corrupt_shard)
-        return result
-
-    def _length_windows(self, val_split, dtype: str) -> dict[int, TokenWindows]:
-        """{N: the val split in windows of N} for N = m x trainer.seq_len, m in trainer.eval_length_multipliers
-        (empty when no val_loss is logged). Every rank needs a window of each length."""
-        t, out = self.config.trainer, {}
-        if self.val_windows is None:
-            return out
-        for m in t.eval_length_multipliers:
-            n = m * t.seq_len
-            if (val_split.num_tokens - 1) // n < self.env.world_size:
-                raise ConfigError(
-                    f"trainer.eval_length_multipliers: {m} x seq_len = {n} tokens needs {self.env.world_size} "
-                    f"window(s) of {n + 1} tokens, but the val split of {redact_text(self.config.data.path)} has "
-                    f"{val_split.num_tokens}: drop the multiplier or prep with a larger --val-fraction")
-            out[n] = self.val_windows if n == t.seq_len else TokenWindows(val_split, dtype, n)
-        return out
 
     def trainer_state(self) -> dict:
         return {
@@ -326,12 +283,22 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def micro_batches(self, batch: torch.Tensor, seq_len: int):
-        """Split this rank's windows into micro-batches, each reshaped to rows of seq_len (DESIGN.md section 4)."""
-        for chunk in batch.split(self.config.trainer.micro_batch_size):
+    def micro_batches(self, batch: WindowBatch, seq_len: int):
+        """Split this rank's windows into micro-batches, each reshaped to rows of seq_len (DESIGN.md section 4):
+        (inputs, labels, the inputs' document ids in document mode else None, how many inputs see a token of another
+        document in their context (None when the data records no documents))."""
+        size = self.config.trainer.micro_batch_size
+        documents = batch.document_ids.split(size) if batch.document_ids is not None else [None] * len(
+            range(0, len(batch.tokens), size))
+        for chunk, ids in zip(batch.tokens.split(size), documents):
             inputs = chunk[:, :-1].reshape(-1, seq_len).to(self.env.device, non_blocking=True)
             labels = chunk[:, 1:].reshape(-1, seq_len).to(self.env.device, non_blocking=True)
-            yield inputs, labels
+            crossing = None
+            if ids is not None:
+                ids = ids[:, :-1].reshape(-1, seq_len)  # on the CPU, read by the loader's thread: no device sync
+                crossing = 0 if self.document_mode else int((ids != ids[:, :1]).sum())
+                ids = ids.to(self.env.device, non_blocking=True) if self.document_mode else None
+            yield inputs, labels, ids, crossing
 
     def run(self) -> dict:
         t, env = self.config.trainer, self.env
@@ -343,15 +310,18 @@ class Trainer:
                             delay=1.0)
         last = {}
         window_start = time.perf_counter()
-        window_tokens, paused = 0, 0.0
+        window_tokens, paused, window_crossing = 0, 0.0, 0
         while self.step < t.max_steps:
             tokens_before = self.step * t.global_batch_tokens
             seq_len = self.curriculum.seq_len(tokens_before)
             first_window = self.loader.windows_consumed
             batch = self.loader.next_batch()
             losses = []
-            for i, (inputs, labels) in enumerate(self.micro_batches(batch, seq_len)):
-                losses.append(self.engine.train_micro_step(inputs, labels, is_boundary=i == self.grad_accum - 1))
+            for i, (inputs, labels, document_ids, crossing) in enumerate(self.micro_batches(batch, seq_len)):
+                losses.append(self.engine.train_micro_step(inputs, labels, is_boundary=i == self.grad_accum - 1,
+                                                           document_ids=document_ids))
+                if crossing is not None:
+                    window_crossing += crossing
             lr = learning_rate(self.step, t.max_steps, self.config.optim.lr, self.config.schedule)
             grad_norm = self.engine.optimizer_step(lr)
             self.step += 1
@@ -368,8 +338,9 @@ class Trainer:
             if self.step % t.log_interval == 0 or final:
                 self._synchronize()  # the window's kernels may still be queued: count them before the clock stops
                 elapsed = time.perf_counter() - window_start - paused
-                last = self._log(losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed)
-                window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+                last = self._log(losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed,
+                                 window_crossing)
+                window_start, window_tokens, paused, window_crossing = time.perf_counter(), 0, 0.0, 0
             # a stop signal saves at once: the preemption grace period is not spent on evaluation
             evaluate = ((t.eval_interval and self.step % t.eval_interval == 0) or final) and not preempted
             checkpoint = (self.config.checkpoint.interval and self.step % self.config.checkpoint.interval == 0) or final
@@ -379,14 +350,10 @@ class Trainer:
                 self._synchronize()
                 pause_start = time.perf_counter()
             if evaluate:
-                val = self.evaluate()
-                if val is not None:  # every rank evaluates every length (each all-reduces its sums); rank 0 logs
-                    val_losses = {"val_loss": val} | {
-                        f"val_loss@{n}": val if windows is self.val_windows else self.evaluate(windows)
-                        for n, windows in self.length_windows.items()}
-                    if env.is_main:
-                        self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens, **val_losses})
-                        last.update(val_losses)
+                val_losses = self.validation_losses()
+                if val_losses and env.is_main:  # every rank evaluated every length (all-reducing); rank 0 logs
+                    self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens, **val_losses})
+                    last.update(val_losses)
             if checkpoint:
                 self.checkpoints.save(self.step, self.engine, self.trainer_state(),
                                       extra_uploads=["metrics.jsonl", "config.json"], blocking=final)
@@ -409,7 +376,7 @@ class Trainer:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
 
-    def _log(self, losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed) -> dict:
+    def _log(self, losses, grad_norm, lr, seq_len, first_window, window_tokens, elapsed, crossing) -> dict:
         t = self.config.trainer
         loss = torch.stack(losses).float().mean().cpu()
         if self.env.world_size > 1:
@@ -425,6 +392,15 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "step_time_s": elapsed * t.global_batch_tokens / max(window_tokens, 1),
             "windows_hash": hashlib.blake2b(windows.tobytes(), digest_size=8).hexdigest(),
         }
+        if self.data.has_documents:  # training tokens whose context reaches into another document
+            crossing = torch.tensor([crossing], dtype=torch.float64)
+            if self.env.world_size > 1:
+                dist.all_reduce(crossing, group=self.env.control_group)
+            record["boundary_crossing_fraction"] = float(crossing) / max(window_tokens, 1)
+        if self.data.is_mixture:
+            window_len = self.loader.windows.window_len
+            record |= {f"tokens/{s.name}": n * window_len
+                       for s, n in zip(self.data.sources, self.loader.source_counts())}
         peak = self.config.trainer.peak_flops or gpu_peak_flops()
         if peak:
             flops = 3 * self.shape_model.forward_flops_per_token(seq_len) * tokens_per_s
@@ -444,18 +420,36 @@ class Trainer:
 
         state = self.engine.full_state_dict()
         if self.env.is_main:
-            fs, root = open_url(self.config.data.path, self.config.data.storage_options)
+            fs, root = open_url(self.data.sources[0].url, self.config.data.storage_options)
             save_export(state, self.model_config, self.run_dir / "export", read_bytes(fs, join(root, TOKENIZER)))
             self.run_directory.upload([f"export/{p.name}" for p in sorted((self.run_dir / "export").iterdir())])
         barrier(self.env)
 
+    def validation_losses(self) -> dict[str, float]:
+        """val_loss (at trainer.seq_len) and val_loss@N for each eval length; for a mixture the weighted mean of the
+        sources' losses, and each source's own as val_loss/<name>. Empty when no source has val windows."""
+        seq_len, out, per_length = self.config.trainer.seq_len, {}, {}
+        for source in self.data.sources:
+            for n, windows in source.val.items():
+                loss = self.evaluate(windows)
+                if loss is None:
+                    continue
+                per_length.setdefault(n, []).append((source.weight, loss))
+                if n == seq_len and self.data.is_mixture:
+                    out[f"val_loss/{source.name}"] = loss
+        means = {n: sum(w * loss for w, loss in pairs) / sum(w for w, _ in pairs) for n, pairs in per_length.items()}
+        if seq_len not in means:
+            return {}
+        out["val_loss"] = means[seq_len]
+        for m in self.config.trainer.eval_length_multipliers:
+            if m * seq_len in means:
+                out[f"val_loss@{m * seq_len}"] = means[m * seq_len]
+        return out
+
     @torch.no_grad()
-    def evaluate(self, windows: TokenWindows | None = None) -> float | None:
+    def evaluate(self, windows: TokenWindows) -> float | None:
         """Mean loss over fixed val windows: the first eval_batches micro-batches of trainer.seq_len (val_loss), or
         the same tokens in windows of N = m x seq_len, micro_batch_size / m rows per forward (val_loss@N)."""
-        windows = self.val_windows if windows is None else windows
-        if windows is None:
-            return None
         t, env = self.config.trainer, self.env
         multiple = windows.window_len // t.seq_len
         per_rank = t.eval_batches * t.micro_batch_size // multiple
@@ -464,14 +458,20 @@ class Trainer:
         if per_rank == 0:
             return None
         indices = torch.arange(env.rank * per_rank, (env.rank + 1) * per_rank).numpy()
-        batch = torch.from_numpy(windows.gather(indices))
+        if self.document_mode:
+            tokens, documents = (torch.from_numpy(a) for a in windows.gather(indices, with_documents=True))
+        else:
+            tokens, documents = torch.from_numpy(windows.gather(indices)), None
         module = self.engine.module
         module.eval()
         sums = torch.zeros(2, dtype=torch.float64)
-        for chunk in batch.split(max(1, t.micro_batch_size // multiple)):
+        rows = max(1, t.micro_batch_size // multiple)
+        for start in range(0, len(tokens), rows):
+            chunk = tokens[start:start + rows]
             inputs = chunk[:, :-1].to(env.device, non_blocking=True)
             labels = chunk[:, 1:].to(env.device, non_blocking=True)
-            logits = self.engine.eval_logits(inputs)
+            document_ids = None if documents is None else documents[start:start + rows, :-1].to(env.device)
+            logits = self.engine.eval_logits(inputs, document_ids=document_ids)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                      reduction="sum")
             sums += torch.tensor([float(loss), labels.numel()], dtype=torch.float64)

@@ -36,7 +36,7 @@ def test_two_ranks_see_exactly_what_one_rank_sees(windows):
     ranks = [loader(windows, rank=r, world=2) for r in range(2)]
     for _ in range(5):
         whole = one.next_batch()
-        assert torch.equal(torch.cat([r.next_batch() for r in ranks]), whole)
+        assert torch.equal(torch.cat([r.next_batch().tokens for r in ranks]), whole.tokens)
 
 
 def test_order_does_not_depend_on_world_size(windows):
@@ -57,7 +57,7 @@ def test_no_window_repeats_within_an_epoch(windows):
 def test_prefetch_yields_the_same_batches(windows):
     plain, fetched = loader(windows), loader(windows, prefetch=3)
     for _ in range(6):
-        assert torch.equal(plain.next_batch(), fetched.next_batch())
+        assert torch.equal(plain.next_batch().tokens, fetched.next_batch().tokens)
     fetched.close()
 
 
@@ -66,10 +66,10 @@ def test_state_round_trip_continues_identically(windows):
     for _ in range(3):
         a.next_batch()
     state = a.state_dict()
-    expected = [a.next_batch() for _ in range(3)]
+    expected = [a.next_batch().tokens for _ in range(3)]
     b = loader(windows, prefetch=2)
     b.load_state_dict(state)
-    assert all(torch.equal(x, b.next_batch()) for x in expected)
+    assert all(torch.equal(x, b.next_batch().tokens) for x in expected)
     assert state["tokens_consumed"] == 3 * 16 * 64
     a.close(), b.close()
 

@@ -55,11 +55,14 @@ for processes in (1, 2):
 VARIANTS["fsdp2-1-fire"] = (1, "fsdp2", 0, "fp32", "fire")
 VARIANTS["zero2-2-fire"] = (2, "deepspeed", 2, "fp32", "fire")
 VARIANTS["ddp-1"] = (1, "ddp", 0, "fp32", "tape")
+# Document attention: the engine hands each micro-batch's document ids to the model as the reference loop does.
+VARIANTS["zero2-1-document"] = (1, "deepspeed", 2, "fp32", "tape")
 VARIANTS["ddp-2"] = (2, "ddp", 0, "fp32", "tape")
 # HSDP: 2 replicas of 2 shards. Micro-batches of 2 keep accumulation at 2 on 4 ranks. Not reshard_after_forward,
 # so the other FSDP2 setting is exercised too.
 VARIANTS["hsdp-4"] = (4, "fsdp2", 0, "fp32", "tape")
-EXTRA_SETTINGS = {"hsdp-4": {"parallel.replicate_degree": 2, "trainer.micro_batch_size": 2,
+EXTRA_SETTINGS = {"zero2-1-document": {"model.attention": "document"},
+                  "hsdp-4": {"parallel.replicate_degree": 2, "trainer.micro_batch_size": 2,
                              "parallel.reshard_after_forward": False}}
 # One process is fast (3-8 s a run) and runs in the default fast suite; two processes are the slow, distributed half.
 PARAMS = [pytest.param(name, marks=[] if VARIANTS[name][0] == 1 else [pytest.mark.slow, pytest.mark.distributed])
@@ -78,7 +81,9 @@ def reference_training(config_path, bf16: bool = False) -> dict:
     split = cache_split(config.data.path, manifest, fingerprint, "train", config.data.cache_dir)
     windows = TokenWindows(split, manifest.dtype, t.seq_len)
     global_windows = t.global_batch_tokens // t.seq_len
-    loader = GlobalBatchLoader(windows, fingerprint, config.seed, global_windows, rank=0, world_size=1, prefetch=0)
+    documents = config.model.attention == "document"
+    loader = GlobalBatchLoader(windows, fingerprint, config.seed, global_windows, rank=0, world_size=1, prefetch=0,
+                               documents=documents)
     torch.manual_seed(config.seed)
     model = build_model(resolve_run_model_config(config, int(manifest.tokenizer["vocab_size"])))
     compute = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
@@ -90,13 +95,14 @@ def reference_training(config_path, bf16: bool = False) -> dict:
         window_hashes.append(hashlib.blake2b(loader.global_indices(loader.windows_consumed).tobytes(),
                                              digest_size=8).hexdigest())
         batch = loader.next_batch()  # [windows, seq_len + 1]
+        ids = batch.document_ids.split(t.micro_batch_size) if documents else [None] * micro_batches
         if bf16:
             with torch.no_grad():
                 for low, master in zip(compute.parameters(), model.parameters()):
                     low.copy_(master)
         step_losses = []
-        for chunk in batch.split(t.micro_batch_size):
-            logits = compute(chunk[:, :-1])
+        for chunk, chunk_ids in zip(batch.tokens.split(t.micro_batch_size), ids):
+            logits = compute(chunk[:, :-1], document_ids=None if chunk_ids is None else chunk_ids[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
             (loss / micro_batches).backward()
             step_losses.append(loss.item())
@@ -125,12 +131,13 @@ def reference(workdir, dataset_path):
     """The reference loop's results per precision, computed on first use."""
     results = {}
 
-    def get(precision: str, encoding: str) -> dict:
-        if (precision, encoding) not in results:
-            config = write_config(workdir / f"reference-{precision}-{encoding}.yaml", dataset_path,
-                                  workdir / "reference", **SETTINGS, **{"model.positional.name": encoding})
-            results[precision, encoding] = reference_training(config, bf16=precision == "bf16")
-        return results[precision, encoding]
+    def get(precision: str, encoding: str, attention: str = "causal") -> dict:
+        if (precision, encoding, attention) not in results:
+            config = write_config(workdir / f"reference-{precision}-{encoding}-{attention}.yaml", dataset_path,
+                                  workdir / "reference", **SETTINGS, **{"model.positional.name": encoding,
+                                                                        "model.attention": attention})
+            results[precision, encoding, attention] = reference_training(config, bf16=precision == "bf16")
+        return results[precision, encoding, attention]
 
     return get
 
@@ -160,7 +167,8 @@ def relative(a: float, b: float) -> float:
 @pytest.mark.parametrize("name", PARAMS)
 def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, name):
     precision, encoding = VARIANTS[name][3:]
-    want, tol = reference(precision, encoding), TOLERANCES[precision]
+    attention = EXTRA_SETTINGS.get(name, {}).get("model.attention", "causal")
+    want, tol = reference(precision, encoding, attention), TOLERANCES[precision]
     result = engine_run(workdir, dataset_path, name)
     records = result["metrics"]
     assert sorted(records) == list(range(1, STEPS + 1))

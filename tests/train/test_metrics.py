@@ -105,9 +105,8 @@ def test_an_eval_length_longer_than_the_val_split_is_refused_at_start(tmp_path, 
 
     from tape_pretrain.config import ConfigError, load_config
     from tape_pretrain.data.cache import cache_split
-    from tape_pretrain.data.loader import TokenWindows
     from tape_pretrain.data.manifest import load_manifest
-    from tape_pretrain.train.trainer import Trainer
+    from tape_pretrain.train.training_data import SourceData, _val_windows
 
     manifest, fingerprint = load_manifest(dataset_path)
     split = cache_split(dataset_path, manifest, fingerprint, "val", str(tmp_path / "cache"))
@@ -115,13 +114,13 @@ def test_an_eval_length_longer_than_the_val_split_is_refused_at_start(tmp_path, 
     fits = (split.num_tokens - 1) // (seq_len * ranks)  # the longest multiple with a window for each of 2 ranks
     config = load_config(None, [f"data.path={dataset_path}", f"trainer.seq_len={seq_len}", "trainer.eval_batches=999",
                                 f"trainer.eval_length_multipliers=[1, {fits}, {fits + 1}]"])
-    trainer = SimpleNamespace(config=config, env=SimpleNamespace(world_size=ranks),
-                              val_windows=TokenWindows(split, manifest.dtype, seq_len))
+    env = SimpleNamespace(world_size=ranks, is_main=True)
+    source = SourceData("main", dataset_path, 1.0, manifest, fingerprint)
     with pytest.raises(ConfigError, match=rf"{fits + 1} x seq_len = {(fits + 1) * seq_len} tokens needs 2 window"):
-        Trainer._length_windows(trainer, split, manifest.dtype)
+        _val_windows(config, env, source, split)
     config.trainer.eval_length_multipliers = [1, fits]
-    windows = Trainer._length_windows(trainer, split, manifest.dtype)
-    assert list(windows) == [seq_len, fits * seq_len] and windows[seq_len] is trainer.val_windows
+    windows = _val_windows(config, env, source, split)
+    assert list(windows) == [seq_len, fits * seq_len]
     assert windows[fits * seq_len].num_windows >= ranks
 
 

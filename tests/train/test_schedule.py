@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,17 +62,27 @@ def test_fingerprint_changes_with_the_schedule():
 
 
 def test_reshape_keeps_tokens_and_contiguity():
+    from tape_pretrain.data.loader import WindowBatch
     from tape_pretrain.train.trainer import Trainer
 
-    batch = torch.arange(4 * 257).view(4, 257)  # windows of Lmax+1 = 257
+    tokens = torch.arange(4 * 257).view(4, 257)  # windows of Lmax+1 = 257
+    documents = (tokens // 100).int()  # a document starts every 100 tokens of the corpus
     fake = type("T", (), {})()
     fake.config = type("C", (), {"trainer": type("t", (), {"micro_batch_size": 2})()})()
     fake.env = type("E", (), {"device": torch.device("cpu")})()
-    micro = list(Trainer.micro_batches(fake, batch, 64))
-    assert len(micro) == 2
-    for inputs, labels in micro:
-        assert inputs.shape == (8, 64) and labels.shape == (8, 64)
-        assert torch.equal(labels[:, :-1], inputs[:, 1:])  # each row is a contiguous run of the corpus
-        assert torch.equal(inputs.diff(dim=1), torch.ones(8, 63, dtype=torch.long))
-    tokens = sum(i.numel() for i, _ in micro)
-    assert tokens == 4 * 256  # constant tokens per step whatever the curriculum length
+    for document_mode in (False, True):
+        fake.document_mode = document_mode
+        micro = list(Trainer.micro_batches(fake, WindowBatch(tokens, documents, np.zeros(4, dtype=int)), 64))
+        assert len(micro) == 2
+        for inputs, labels, ids, crossing in micro:
+            assert inputs.shape == (8, 64) and labels.shape == (8, 64)
+            assert torch.equal(labels[:, :-1], inputs[:, 1:])  # each row is a contiguous run of the corpus
+            assert torch.equal(inputs.diff(dim=1), torch.ones(8, 63, dtype=torch.long))
+            expected = (inputs // 100).int()
+            assert torch.equal(ids, expected) if document_mode else ids is None  # ids stay with their tokens
+            # inputs whose row began in an earlier document (none attend across a boundary in document mode)
+            assert crossing == (0 if document_mode else int((expected != expected[:, :1]).sum()))
+        assert sum(i.numel() for i, *_ in micro) == 4 * 256  # constant tokens per step whatever the curriculum
+    assert sum(m[3] for m in micro) == 0 and sum(
+        m[3] for m in Trainer.micro_batches(type("T", (), {**vars(fake), "document_mode": False})(),
+                                             WindowBatch(tokens, documents, np.zeros(4, dtype=int)), 64)) > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tape_pretrain.models.positional.alibi import ALiBi
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer
+from tape_pretrain.models.positional.base import DocumentLayout, PositionalEncoding, PositionalLayer
 from tape_pretrain.models.positional.fire import FIRE
 from tape_pretrain.models.positional.nope import NoPE
 from tape_pretrain.models.positional.randrope import RandRoPE
@@ -15,4 +15,4 @@ REGISTRY: dict[str, type[PositionalEncoding]] = {
     cls.name: cls for cls in (TAPE, RoPE, NoPE, ALiBi, FIRE, XPos, RandRoPE)
 }
 
-__all__ = ["REGISTRY", "PositionalEncoding", "PositionalLayer"]
+__all__ = ["REGISTRY", "DocumentLayout", "PositionalEncoding", "PositionalLayer"]

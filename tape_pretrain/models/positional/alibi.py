@@ -1,4 +1,5 @@
-"""ALiBi: a per-head linear distance penalty -m_h (i - j) added to the logits."""
+"""ALiBi: a per-head linear distance penalty -m_h (i - j) added to the logits (in document mode, -inf across
+documents)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def alibi_bias(table: torch.Tensor, query_positions: torch.Tensor, key_positions
 class ALiBiLayer(PositionalLayer):
     """Attention with the bias built per block of queries (models.positional.blocked_bias): memory linear in N."""
 
-    def attend(self, q, k, v, positions, causal):
+    def attend(self, q, k, v, positions, causal, documents=None):
         # Slopes rebuilt here, not a buffer: model.to(bf16) would round them. Positions are consecutive, so every
         # distance is below N.
         table = alibi_distance_table(alibi_slopes(q.shape[1]).to(q.device), positions.shape[0], q.dtype)
@@ -55,22 +56,30 @@ class ALiBiLayer(PositionalLayer):
         def block_bias(start, stop, num_keys):
             return alibi_bias(table, positions[start:stop], positions[:num_keys], causal)
 
-        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size())
-        return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair), positions
+        def document_block_bias(start, stop, num_keys):  # [B, H, R, K]: -inf across documents
+            hidden = ~documents.visible(start, stop, num_keys).unsqueeze(1)
+            return block_bias(start, stop, num_keys).masked_fill(hidden, float("-inf"))
+
+        document_rows = 0 if documents is None else q.shape[0]
+        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), document_rows)
+        return attention_in_query_blocks(q, k, v, causal, block_bias if documents is None else document_block_bias,
+                                         bytes_per_pair), positions
 
     @staticmethod
-    def bias_bytes_per_pair(num_heads: int, dtype_bytes: int) -> int:
+    def bias_bytes_per_pair(num_heads: int, dtype_bytes: int, document_rows: int = 0) -> int:
         """Live bytes per (query, key) pair while a block's bias is built: the int64 index and its mask, the bias
-        per head."""
-        return 9 + num_heads * dtype_bytes
+        per head; in document mode (``document_rows`` = B) also per row the visibility mask, its negation and the
+        masked bias per head."""
+        return 9 + num_heads * dtype_bytes + document_rows * (2 + num_heads * dtype_bytes)
 
 
 class ALiBi(PositionalEncoding):
     name = "alibi"
     layer_class = ALiBiLayer
 
-    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True, documents=None):
         # Integer positions [N], from which each layer builds its bias one block of queries at a time (a [1, H, N, N]
         # state made memory quadratic in N). Integers, so that an engine's cast of a block's floating-point inputs
-        # to bf16 leaves them exact. Shift invariant: the offset cancels in every distance.
+        # to bf16 leaves them exact. Shift invariant: the offset cancels in every distance. In document mode too:
+        # within a document i - j is the distance of the in-document positions, and the layers mask the rest.
         return torch.arange(offset, offset + seq_len, device=device)  # [N] int64

@@ -4,15 +4,22 @@ Shapes: B batch, H heads, N tokens, D head dim, F = D/2 rotary frequencies.
 An encoding is one model-level module (builds the initial positional *state*) plus one layer
 module per block (uses the state in attention and may update it). The decoder block never
 branches on the variant: it hands the state to its layer module and takes back the new one.
+
+Document mode (``Transformer.forward(..., document_ids=...)``): a row packs several documents. A DocumentLayout,
+built once per forward, holds where each token's document starts; every encoding then restarts its positions at 0
+at each document start, and attention is block-causal (a query sees the keys of its own document at or before it).
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tape_pretrain.config import ModelConfig
 
@@ -85,9 +92,112 @@ def allow_cudnn_attention(allowed: bool) -> None:
         torch.backends.cuda.enable_cudnn_sdp(allowed)
 
 
-def attention(q, k, v, causal: bool, bias: torch.Tensor | None = None, scale: float | None = None):
-    """Scaled dot-product attention; an additive bias (which already holds the causal mask) or is_causal."""
-    if bias is None:
+FLEX_BLOCK_SIZE = 128
+"""Query and key rows per tile of FlexAttention's block mask (FlexAttention's default)."""
+
+
+@dataclass(eq=False)
+class DocumentLayout:
+    """The documents packed in a micro-batch: tokens of one document are contiguous in a row.
+
+    A document starts where a token's document id differs from its left neighbour's, and at the row start (a
+    document continued from the previous window starts at 0 there too): only equality between neighbours matters.
+    Built once per forward by Transformer.forward and handed to the encoding's initial_state and to every layer's
+    attend; the masks are built on first use and shared by all layers."""
+
+    document_ids: torch.Tensor  # [B, N] integers
+    starts: torch.Tensor  # [B, N] int64: the index in the row of the first token of each token's document
+    positions: torch.Tensor  # [B, N] int64: each token's position in its document (index - start)
+
+    @classmethod
+    def from_ids(cls, document_ids: torch.Tensor) -> DocumentLayout:
+        if document_ids.dim() != 2 or document_ids.is_floating_point() or document_ids.is_complex():
+            raise ValueError(f"document_ids must be an integer tensor [batch, tokens], got {document_ids.dtype} "
+                             f"{list(document_ids.shape)}")
+        index = torch.arange(document_ids.shape[1], device=document_ids.device)
+        first = torch.ones_like(document_ids, dtype=torch.bool)
+        first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        starts = torch.where(first, index, 0).cummax(dim=1).values  # [B, N]
+        return cls(document_ids, starts, index - starts)
+
+    def visible(self, start: int, stop: int, num_keys: int) -> torch.Tensor:
+        """[B, stop - start, num_keys] bool: whether query i (start <= i < stop) sees key j < num_keys, i.e. the key
+        lies in the query's document at or before it: starts[i] <= j <= i."""
+        queries = torch.arange(start, stop, device=self.starts.device)[:, None]  # [R, 1]
+        keys = torch.arange(num_keys, device=self.starts.device)  # [K]
+        return (keys <= queries) & (keys >= self.starts[:, start:stop, None])
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, N, N] bool, the block-diagonal causal mask for SDPA (quadratic in N: the CPU's kernel)."""
+        n = self.starts.shape[1]
+        return self.visible(0, n, n).unsqueeze(1)
+
+    @functools.cached_property
+    def block_mask(self) -> BlockMask:
+        """FlexAttention's block mask, built from the document starts tile by tile (B x (N / 128)^2 entries; the
+        generic create_block_mask would evaluate all B x N^2 pairs)."""
+        return document_block_mask(self.starts)
+
+
+def document_block_mask(starts: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """The BlockMask of the mask_mod ``starts[b, q] <= kv <= q`` for document starts [B, N], equal to
+    ``create_block_mask(mask_mod, B, None, N, N, BLOCK_SIZE=block_size)`` (tests check it).
+
+    Tile (query block qb, key block kb) is empty unless kb <= qb and kb ends at or after the first query's document
+    start (starts only grow along a row); full (no mask_mod needed) when kb < qb, kb begins at or after the last
+    query's document start, and the query block lies wholly inside the row."""
+    b, n = starts.shape
+    num_blocks = -(-n // block_size)
+    blocks = torch.arange(num_blocks, device=starts.device)
+    first_start = starts[:, blocks * block_size]  # [B, nq]: the smallest start in each query block
+    last_start = starts[:, (blocks * block_size + block_size - 1).clamp(max=n - 1)]  # [B, nq]: the largest
+    # Rows past N (the last block's padding) see only themselves, should the kernel evaluate the mask there.
+    padding = torch.arange(n, num_blocks * block_size, device=starts.device)
+    starts = torch.cat((starts, padding.expand(b, -1)), dim=1)  # [B, nq * block_size]
+    query_block, key_block = blocks[:, None], blocks[None, :]  # [nq, 1], [1, nkv]
+    below = key_block < query_block
+    nonempty = (key_block <= query_block) & ((key_block + 1) * block_size - 1 >= first_start[:, :, None])
+    whole_rows = (query_block + 1) * block_size <= n
+    full = below & whole_rows & (key_block * block_size >= last_start[:, :, None])  # [B, nq, nkv]
+    partial = nonempty & ~full
+
+    def ordered(dense):  # per query block: how many key blocks, and their indices first in increasing order
+        dense = dense.unsqueeze(1).to(torch.int32)  # [B, 1, nq, nkv]
+        order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), order.to(torch.int32)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= starts[batch, q_idx])
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
+
+
+def document_attention_kernel(device_type: str) -> str:
+    """The kernel of document-mode attention without a bias on ``device_type``: "flex" on CUDA (FlexAttention with
+    the layout's block mask: memory linear in N, the masked tiles skipped), "sdpa" elsewhere (SDPA with the boolean
+    [B, 1, N, N] mask; FlexAttention has no CPU backward in torch 2.13)."""
+    return "flex" if device_type == "cuda" else "sdpa"
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process, on first use (uncompiled, it materialises every score)."""
+    return torch.compile(flex_attention)
+
+
+def attention(q, k, v, causal: bool, bias: torch.Tensor | None = None, scale: float | None = None,
+              documents: DocumentLayout | None = None):
+    """Scaled dot-product attention; an additive bias (which already holds the causal mask) or is_causal; with
+    ``documents`` (and no bias), block-causal within each document on document_attention_kernel's kernel."""
+    if documents is not None and bias is None:
+        assert causal, "document mode is causal"
+        if document_attention_kernel(q.device.type) == "flex":
+            out = compiled_flex_attention()(q, k, v, block_mask=documents.block_mask, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.mask, scale=scale)
+    elif bias is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
@@ -102,7 +212,9 @@ def causal_mask_bias(n: int, device, dtype=torch.float32) -> torch.Tensor:
 class PositionalLayer(nn.Module):
     """The per-block part of an encoding: attention with the state, then an optional state update."""
 
-    def attend(self, q, k, v, state: State, causal: bool) -> tuple[torch.Tensor, State]:  # q,k,v: [B,H,N,D]
+    def attend(self, q, k, v, state: State, causal: bool,
+               documents: DocumentLayout | None = None) -> tuple[torch.Tensor, State]:  # q,k,v: [B,H,N,D]
+        """Attention with the state (causal, or bidirectional); with ``documents``, block-causal per document."""
         raise NotImplementedError
 
     def after_mlp(self, mlp_out: torch.Tensor, state: State) -> State:  # mlp_out: [B,N,d]
@@ -130,8 +242,9 @@ class PositionalEncoding(nn.Module):
         return self.layer_class()
 
     def initial_state(self, batch_size: int, seq_len: int, device, dtype, offset: int = 0,
-                      causal: bool = True) -> State:
-        """The state entering layer 0 for positions offset .. offset+seq_len-1."""
+                      causal: bool = True, documents: DocumentLayout | None = None) -> State:
+        """The state entering layer 0 for positions offset .. offset+seq_len-1; with ``documents``, for each token's
+        position in its document plus offset."""
         return None
 
     def extra_forward_flops_per_token(self, seq_len: int) -> float:

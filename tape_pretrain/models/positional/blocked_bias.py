@@ -4,7 +4,9 @@ Shapes: B batch, H heads, N tokens, D head dim, R query rows in a block, K keys 
 A whole [1, H, N, N] bias (and FIRE's MLP over N x N x width) makes memory grow as N^2. Here each block of R query
 rows builds only its own [1, H, R, K] bias, runs SDPA on it and drops it. R is cut so that a block holds at most
 BLOCK_BYTES, so the live extra memory is at most one block's plus the [B, H, N, D] output: bounded, then linear in
-N. Causal attention skips the keys after a block's last query (K = its last row + 1).
+N. Causal attention skips the keys after a block's last query (K = its last row + 1). In document mode (see
+models.positional.base.DocumentLayout) a block's bias also holds -inf across documents, so it is [B, H, R, K]: the
+encodings' bias_bytes_per_pair then count per batch row, and blocks get fewer rows.
 
 Under autograd the blocks' saved tensors (the bias SDPA keeps as its mask, FIRE's MLP activations, and on the CPU
 the attention probabilities of SDPA's math kernel) would add up to N^2 again, so each block runs under

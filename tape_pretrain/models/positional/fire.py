@@ -49,41 +49,51 @@ class FIRELayer(PositionalLayer):
         return tuple(p.to(work) for p in (self.c, self.threshold, first.weight, first.bias, second.weight,
                                           second.bias))
 
-    def _bias(self, parameters, positions, key_positions, dtype, causal) -> torch.Tensor:
+    def _bias(self, parameters, positions, key_positions, dtype, causal, visible=None) -> torch.Tensor:
+        """[1, H, Nq, Nk] for positions [Nq], [Nk]; in document mode [B, H, Nq, Nk] for each row's in-document
+        positions [B, Nq], [B, Nk], -inf where ``visible`` [B, Nq, Nk] is False (the causal mask included)."""
         c, threshold, first_weight, first_bias, second_weight, second_bias = parameters
         work = c.dtype
 
         def psi(x):
             return torch.log(torch.abs(c * x) + 1)
 
-        distance = (positions[:, None] - key_positions[None, :]).to(work)  # exact: integers below 2^24
+        distance = (positions[..., :, None] - key_positions[..., None, :]).to(work)  # exact: integers below 2^24
         limit = torch.maximum(positions.to(work), torch.abs(threshold * self.threshold_scale))  # max(i, L~)
-        normalised = psi(distance) / (psi(limit)[:, None] + NORMALISER_EPS)  # [Nq, Nk]
+        normalised = psi(distance) / (psi(limit)[..., None] + NORMALISER_EPS)  # [(B,) Nq, Nk]
         # ReLU in place (the first linear's backward needs its input, not its output) on the 2D matmul result: on a
         # view of it, autograd would copy the whole hidden layer back in the backward.
-        hidden = F.relu(F.linear(normalised.reshape(-1, 1), first_weight, first_bias), inplace=True)  # [Nq * Nk, W]
-        bias = F.linear(hidden, second_weight, second_bias)  # [Nq * Nk, H]
-        bias = bias.view(*normalised.shape, -1).permute(2, 0, 1).to(dtype)  # [H, Nq, Nk]
+        hidden = F.relu(F.linear(normalised.reshape(-1, 1), first_weight, first_bias), inplace=True)  # [.. * Nk, W]
+        bias = F.linear(hidden, second_weight, second_bias)  # [(B *) Nq * Nk, H]
+        bias = bias.view(*normalised.shape, -1).movedim(-1, -3).to(dtype)  # [(B,) H, Nq, Nk]
+        if visible is not None:
+            return bias.masked_fill(~visible.unsqueeze(1), float("-inf"))
         if causal:
             bias = bias.masked_fill(distance < 0, float("-inf"))
         return bias.unsqueeze(0)
 
-    def attend(self, q, k, v, positions, causal):
+    def attend(self, q, k, v, positions, causal, documents=None):
         # Cast once for all blocks: a bf16 parameter's gradient then sums the blocks' shares in fp32 and rounds once.
         parameters = self._work_parameters()
 
         def block_bias(start, stop, num_keys):
-            return self._bias(parameters, positions[start:stop], positions[:num_keys], q.dtype, causal)
+            visible = None if documents is None else documents.visible(start, stop, num_keys)
+            return self._bias(parameters, positions[..., start:stop], positions[..., :num_keys], q.dtype, causal,
+                              visible)
 
-        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), parameters[0].element_size())
+        document_rows = 0 if documents is None else q.shape[0]
+        bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), parameters[0].element_size(),
+                                                  document_rows)
         return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair), positions
 
-    def bias_bytes_per_pair(self, num_heads: int, dtype_bytes: int, work_bytes: int) -> int:
+    def bias_bytes_per_pair(self, num_heads: int, dtype_bytes: int, work_bytes: int, document_rows: int = 0) -> int:
         """Live bytes per (query, key) pair while a block's bias is built, in the work dtype: the distance, psi's
         temporaries and the normalised distance; the MLP's hidden layer (and its gradient in the backward) and its
-        output per head; then per head the cast and the masked bias."""
+        output per head; then per head the cast and the masked bias. In document mode (``document_rows`` = B) the
+        normaliser differs per row, so all of it is per row, plus the visibility mask and its negation."""
         width = self.mlp[0].out_features
-        return work_bytes * (4 + 2 * width + num_heads) + 2 * num_heads * dtype_bytes
+        per_row = work_bytes * (4 + 2 * width + num_heads) + 2 * num_heads * dtype_bytes
+        return max(1, document_rows) * per_row + 2 * document_rows
 
 
 class FIRE(PositionalEncoding):
@@ -93,12 +103,15 @@ class FIRE(PositionalEncoding):
         p = self.config.positional
         return FIRELayer(self.num_heads, p.fire_mlp_width, p.fire_init_c, p.fire_init_threshold)
 
-    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True, documents=None):
         # Integer positions: an engine casts floating-point block inputs to the compute dtype (FSDP2's
         # cast_forward_inputs), which would round them. FIRE is relative only below L~: psi(max(i, L~)) depends on
-        # the absolute query position i once i exceeds L~, so the offset is applied, not dropped.
+        # the absolute query position i once i exceeds L~, so the offset is applied, not dropped; in document mode
+        # i is the query's position in its document.
         # Each layer builds its bias one block of queries at a time from these (models.positional.blocked_bias): a
         # [N, N] causal mask in the state made memory quadratic in N.
+        if documents is not None:
+            return documents.positions + offset  # [B, N] int64
         return torch.arange(offset, offset + seq_len, device=device)  # [N] int64
 
     def extra_forward_flops_per_token(self, seq_len):

@@ -6,8 +6,8 @@ from tape_pretrain.models.positional.base import PositionalEncoding, PositionalL
 
 
 class NoPELayer(PositionalLayer):
-    def attend(self, q, k, v, state, causal):
-        return attention(q, k, v, causal), state
+    def attend(self, q, k, v, state, causal, documents=None):
+        return attention(q, k, v, causal, documents=documents), state
 
 
 class NoPE(PositionalEncoding):

@@ -16,6 +16,15 @@ range scales with N, R = floor(N x M / max_seq_len), which is the official code'
 - ``expected``: the evenly spaced positions floor(i R / N), i.e. 2i at the default M: the mean training gap,
   without a draw.
 
+Document mode (a row packing several documents, models.positional.base.DocumentLayout): a token at position p of its
+document gets the row's p-th smallest drawn position (training and ``sample``: draw.gather(1, p), draw [B, N] the row's
+sorted draw), so every document of a row restarts at the row's first drawn position and keeps the row's gaps (about
+M / N in training). A document of length n run alone would spread its n positions over all of [0, M) instead (gaps
+about M / n): sampled positions in document mode are not those of the document run alone. ``expected`` gives
+floor(p R / N), R = eval_range(N) for the row length N: exactly the positions of the document run alone,
+floor(p R_n / n) with R_n = eval_range(n), whenever M / max_seq_len is an integer r or at most 1 (both are r p, or p);
+otherwise the two may differ by one.
+
 Draws are per row and shared by every layer, in training and evaluation, where the official code draws per layer
 (one set of positions for the whole batch in each layer). Per row follows the definition of randomised positional
 encodings (one ordered sample of positions per sequence, so every layer sees a token at the same position) and this
@@ -50,15 +59,21 @@ class RandRoPE(RoPE):
         """R: eval-mode positions lie in [0, R) at length seq_len (2 x seq_len at the default max_len)."""
         return max(seq_len, seq_len * self.max_len // self.train_len)
 
-    def positions(self, batch_size, seq_len, device, offset):
+    def positions(self, batch_size, seq_len, device, offset, documents=None):
         if not self.training:
             limit = self.eval_range(seq_len)
             if self.eval_mode == "expected":
+                if documents is not None:
+                    return documents.positions * limit // seq_len + offset  # [B, N]
                 return (torch.arange(seq_len, device=device) * limit // seq_len + offset).unsqueeze(0)  # [1, N]
             # on the CPU: the same positions on every device, and no generator state that outlives the call
             generator = torch.Generator().manual_seed(self.eval_seed)
-            return sorted_random_positions(batch_size, seq_len, limit, generator=generator).to(device) + offset
-        if seq_len > self.max_len:
-            raise ConfigError(f"randrope: sequence length {seq_len} exceeds model.positional.randrope_max_len="
-                              f"{self.max_len}")
-        return sorted_random_positions(batch_size, seq_len, self.max_len, device) + offset  # [B, N]
+            draw = sorted_random_positions(batch_size, seq_len, limit, generator=generator).to(device)
+        else:
+            if seq_len > self.max_len:
+                raise ConfigError(f"randrope: sequence length {seq_len} exceeds model.positional.randrope_max_len="
+                                  f"{self.max_len}")
+            draw = sorted_random_positions(batch_size, seq_len, self.max_len, device)  # [B, N]
+        if documents is not None:
+            draw = draw.gather(1, documents.positions)  # each document restarts at the row's first drawn position
+        return draw + offset

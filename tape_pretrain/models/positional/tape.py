@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_pretrain.models.positional.base import (
+    DocumentLayout,
     PositionalEncoding,
     PositionalLayer,
     apply_rotary,
@@ -50,11 +51,13 @@ def resolve_attention_form(form: str, device_type: str, head_dim: int, seq_len: 
     return "two_calls"
 
 
-def causal_attention_in_blocks(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, block: int = 256):
+def causal_attention_in_blocks(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, block: int = 256,
+                               documents: DocumentLayout | None = None):
     """softmax(q k^T / sqrt(D) + causal mask) @ value, for a value wider than q and k, in plain autograd ops.
 
     q, k: [B, H, N, D]; value: [B, H, N, E] -> [B, H, N, E]. Each block of queries meets only the keys it can see, so
-    the masked blocks are never computed: SDPA's math kernel, CPU's only one for E != D, computes all N^2 logits."""
+    the masked blocks are never computed: SDPA's math kernel, CPU's only one for E != D, computes all N^2 logits.
+    With ``documents``, a query sees only the keys of its own document (block-causal)."""
     b, h, n, _ = q.shape
     scale = q.shape[-1] ** -0.5
     # Scores and softmax in at least fp32, as SDPA's kernels do: bf16 scores would round the logits before the
@@ -69,6 +72,9 @@ def causal_attention_in_blocks(q: torch.Tensor, k: torch.Tensor, value: torch.Te
     for i in range(0, n, size):
         e = min(i + size, n)  # this block's queries i..e-1 see keys 0..e-1
         logits = torch.baddbmm(ramp[:e - i, n - i:n - i + e], q[:, i:e], k[:, :e].transpose(1, 2), alpha=scale)
+        if documents is not None:
+            hidden = ~documents.visible(i, e, e).unsqueeze(1)  # [B, 1, e - i, e]
+            logits = logits.view(b, h, e - i, e).masked_fill(hidden, float("-inf")).flatten(0, 1)
         probs = logits.softmax(-1).to(value.dtype)
         outs.append(probs @ value[:, :e])  # [BH, e - i, E]
     return torch.cat(outs, dim=1).view(b, h, n, -1)
@@ -126,21 +132,23 @@ class TAPELayer(PositionalLayer):
             return torch.zeros(shape)
         return None
 
-    def attend(self, q, k, v, cs, causal):
+    def attend(self, q, k, v, cs, causal, documents=None):
+        # Document mode needs nothing more than the mask: A @ [c|s] then mixes states within a document only, and
+        # the MLP-side update is per token.
         c, s = cs.chunk(2, dim=-1)
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
         if self.is_last or self.post_attention_linear is None:
-            return attention(q, k, v, causal), cs
+            return attention(q, k, v, causal, documents=documents), cs
         if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1], q.shape[-2], causal) == "one_call":
             value = torch.cat((v, cs), dim=-1)  # [B, H, N, 2D]
             if causal and q.device.type == "cpu":
-                both = causal_attention_in_blocks(q, k, value)
-            else:
-                both = attention(q, k, value, causal)
+                both = causal_attention_in_blocks(q, k, value, documents=documents)
+            else:  # CUDA: SDPA, or in document mode FlexAttention, which takes a wider value too
+                both = attention(q, k, value, causal, documents=documents)
             out, moved = both.split(v.shape[-1], dim=-1)
         else:
-            out = attention(q, k, v, causal)  # [B, H, N, D]
-            moved = attention(q, k, cs, causal)  # A @ [c|s]: [B, H, N, 2F]
+            out = attention(q, k, v, causal, documents=documents)  # [B, H, N, D]
+            moved = attention(q, k, cs, causal, documents=documents)  # A @ [c|s]: [B, H, N, 2F]
         gamma = self.post_attention_linear.weight.sum(dim=-1)  # [H]
         return out, cs + gamma[:, None, None].to(cs.dtype) * moved
 
@@ -165,14 +173,17 @@ class TAPE(PositionalEncoding):
                          attention_form=c.positional.tape_attention,
                          attention_update=c.positional.tape_attention_update, mlp_update=c.positional.tape_mlp_update)
 
-    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True):
+    def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True, documents=None):
         if self.random_offset and self.training:
             # Shift invariance makes this a no-op up to rounding; kept for parity with the official recipe.
             offset = offset + int(torch.randint(0, 2 * self.max_seq_len + 1, ()))
-        positions = torch.arange(offset, offset + seq_len, device=device)
+        if documents is None:
+            positions = torch.arange(offset, offset + seq_len, device=device)  # [N]
+        else:
+            positions = (documents.positions + offset).unsqueeze(1)  # [B, 1, N]: each token's place in its document
         theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device)
-        cos, sin = rotary_tables(positions, theta, dtype)  # [N, F]
-        cs = torch.cat((cos, sin), dim=-1)  # [N, 2F]
+        cos, sin = rotary_tables(positions, theta, dtype)  # [N, F] or [B, 1, N, F]
+        cs = torch.cat((cos, sin), dim=-1)  # [N, 2F] or [B, 1, N, 2F]
         # Materialised, not expand()ed: a stride-0 value tensor is not safe for every SDPA backend (cuDNN's layout
         # checks do not reject it), and layer 1 allocates a state of this size anyway.
         return cs.expand(batch_size, self.num_heads, seq_len, self.head_dim).contiguous()
