@@ -50,6 +50,53 @@ def test_sliding_window_scores_each_token_once_with_context(dataset_path, tmp_pa
     assert result["perplexity"] == pytest.approx(math.exp(expected.mean().item()), rel=1e-6)
 
 
+def test_document_attention_and_within_document_windows_score_each_document_alone(dataset_path, tmp_path):
+    """Document mode scores each token with its own document only; --within-documents takes only windows inside one
+    document, stride apart from its start. Both against a per-document reference built from the document offsets."""
+    import json
+
+    from tape_pretrain.cli import main
+
+    manifest, fp = load_manifest(dataset_path)
+    split = cache_split(dataset_path, manifest, fp, "val", str(tmp_path))
+    flat = np.concatenate([np.fromfile(s.path, dtype=manifest.dtype) for s in split.shards]).astype(np.int64)
+    offsets = np.cumsum([0] + [s.num_tokens for s in split.shards])
+    starts = np.concatenate([np.fromfile(s.docs_path, dtype="<u8").astype(np.int64) + base
+                             for s, base in zip(split.shards, offsets)])
+    ends = np.append(starts[1:], len(flat))
+    model = small_model()
+    n = 32
+    windows = TokenWindows(split, manifest.dtype, n)
+    count = int(starts[1]) // n + 2  # through the first document boundary
+    result = perplexity(model, windows, max_tokens=n * count, batch_size=4, device="cpu", attention="document")
+    losses = []
+    with torch.no_grad():
+        for k in range(count):  # window k: each document's inputs in it alone, positions from the piece's start
+            for a, b in zip(starts, ends):
+                lo, hi = max(a, k * n), min(b, k * n + n)
+                if hi > lo:  # a document's last input (EOS) predicts the next document's first token
+                    inputs, labels = torch.from_numpy(flat[lo:hi])[None], torch.from_numpy(flat[lo + 1:hi + 1])
+                    losses.append(F.cross_entropy(model(inputs)[0], labels, reduction="none"))
+    reference = torch.cat(losses).double()
+    assert result["tokens"] == reference.numel() == count * n
+    assert any(k * n < a < k * n + n for k in range(count) for a in starts)  # some window packs two documents
+    assert result["loss"] == pytest.approx(reference.mean().item(), rel=1e-9)
+    causal = perplexity(model, windows, max_tokens=n * count, batch_size=4, device="cpu")
+    # measured: 1.5e-10 from the reference, 9e-6 from causal attention (one boundary among many windows)
+    assert abs(causal["loss"] - result["loss"]) > 1e-6
+    within = perplexity(model, windows, max_tokens=10**9, batch_size=4, device="cpu", stride=16,
+                        within_documents=True)
+    expected_windows = sum(max(0, (b - a - n - 1) // 16 + 1) for a, b in zip(starts, ends))
+    assert within["windows"] == expected_windows > 0
+    assert within["tokens"] == sum(n + 16 * (max(0, (b - a - n - 1) // 16 + 1) - 1)
+                                   for a, b in zip(starts, ends) if b - a > n)
+    export = export_with_tokenizer(dataset_path, tmp_path / "export")
+    assert main(["eval", export, "--data", dataset_path, "--lengths", "32", "--max-tokens", "256", "--device", "cpu",
+                 "--attention", "document", "--within-documents", "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())["32"]
+    assert saved["attention"] == "document" and saved["within_documents"] is True
+
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 SENTENCES = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
