@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tape_pretrain.utils.redact import RedactingStream, remember_secrets
 
@@ -65,6 +66,25 @@ def cmd_train(args) -> None:
     train(load_config(args.config, args.overrides))
 
 
+def cmd_config_show(args) -> None:
+    from tape_pretrain.config import describe_config, format_key_docs, load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # `config show key=value`: no file
+        config, overrides = None, [config, *overrides]
+    docs = describe_config(load_config(config, overrides))
+    if args.diff:
+        docs = [d for d in docs if d.value != d.default]
+    print(format_key_docs(docs) if docs else "every key has its default value")
+
+
+def cmd_plot(args) -> None:
+    from tape_pretrain.train.plot import plot_runs
+
+    for path in plot_runs(args.run_dirs, args.out):
+        print(path)
+
+
 def cmd_eval(args) -> None:
     from tape_pretrain.eval.run import evaluate_command
 
@@ -123,6 +143,8 @@ def cmd_inspect_model(args) -> None:
 
 def cmd_bench(args) -> None:
     what = args.what
+    if args.preset is None and what != "decode":
+        args.preset = "paper-155m"
     if args.batch is None:
         # On a GPU, batch 1 at the 155M shape is launch-bound (it times kernel launches, not the model)
         import torch
@@ -152,6 +174,11 @@ def cmd_bench(args) -> None:
         from tape_pretrain.bench import train
 
         train.run()
+    elif what == "decode":
+        from tape_pretrain.bench import decode
+
+        decode.run(preset=args.preset or "tiny", prompt_len=args.prompt_len,
+                   new_tokens=args.new_tokens, repeats=args.repeats)
     elif what == "checkpoint":
         from tape_pretrain.bench import checkpoint
 
@@ -177,57 +204,125 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers") from None
 
 
+DESCRIPTION = """\
+Pretrain decoder-only language models with TAPE (contextualized equivariant
+positional encoding) or a baseline encoding (RoPE, NoPE, ALiBi, FIRE, xPos,
+RandPE), on one CPU or many GPUs, and evaluate them.
+
+The usual order of commands:
+  tape-pretrain tokenizer train  train a SentencePiece tokenizer (or bring one)
+  tape-pretrain prep             tokenize a corpus into checksummed shards
+  tape-pretrain train CONFIG     pretrain (under torchrun for several GPUs)
+  tape-pretrain eval RUN_DIR     perplexity at several lengths, passkey
+  tape-pretrain export RUN_DIR   a consolidated safetensors export
+  tape-pretrain plot RUN_DIR     loss, val loss, lr and throughput curves
+
+`tape-pretrain config show` lists every config key with its default and
+meaning; `tape-pretrain COMMAND --help` describes a command and its options.
+Documentation: README.md of the tape_pretrain repository; example configs in
+its configs/ directory.
+"""
+
+SRC_HELP = ("a source: path or URL with globs (*.txt, *.jsonl[.gz|.zst], *.parquet), hf:NAME[:CONFIG][@SPLIT], "
+            "or builtin:python-stdlib")
+URL_HELP = "dataset URL (path, file://, s3://, gs://, memory://)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (``_fill`` wraps them); each option's default appended to its help, except a default
+    of None, which the help text explains in words, and a flag's (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or (action.option_strings and action.nargs == 0):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _fill(text: str) -> str:
+    """Each line of ``text`` a paragraph, wrapped for an 80-column terminal."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in text.split("\n"))
+
+
+def package_version() -> str:
+    """The installed distribution's version, else tape_pretrain.__version__."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tape-pretrain")
+    except metadata.PackageNotFoundError:
+        import tape_pretrain
+
+        return getattr(tape_pretrain, "__version__", "unknown")
+
+
+def _command(sub, name: str, help: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help page starts with its one-line help (and ``description`` below it; each of its lines
+    a paragraph)."""
+    text = help[0].upper() + help[1:] + "." + (f"\n{description}" if description else "")
+    return sub.add_parser(name, help=help, description=_fill(text), formatter_class=HelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tape-pretrain", description=__doc__)
+    from tape_pretrain.config import POSITIONAL_NAMES
+
+    parser = argparse.ArgumentParser(prog="tape-pretrain", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     # the deepspeed launcher passes --local_rank=N before the command; the environment's LOCAL_RANK is what we use
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
-    tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(
-        dest="action", required=True)
-    p = tok.add_parser("train", help="train SentencePiece (BPE, byte fallback) on a sample of the sources")
-    p.add_argument("--input", nargs="+", required=True, metavar="SRC")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--text-field", default="text")
+    tok = _command(sub, "tokenizer", "train a SentencePiece tokenizer").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = _command(tok, "train", "train SentencePiece (BPE, byte fallback) on the first documents of the sources")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC", help=SRC_HELP)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (at least 260: 256 bytes + 4 "
+                                                                 "special ids)")
+    p.add_argument("--out", required=True, help="path of the tokenizer model to write (e.g. tok.model)")
+    p.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
     p.add_argument("--max-sentences", type=int, default=200_000, help="documents sampled for training")
-    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece model type")
     p.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("prep", help="tokenize sources into checksummed shards with a manifest")
-    p.add_argument("--input", nargs="+", required=True, metavar="SRC")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True, help="dataset URL (path, file://, s3://, gs://, memory://)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--val-fraction", type=float, default=0.005)
+    p = _command(sub, "prep", "tokenize sources into checksummed shards with a manifest",
+                 "Resumable: a re-run keeps the verified shards and continues. Shows a progress bar (stored bytes "
+                 "read, with an ETA when the input sizes are known) on a terminal, plain lines otherwise.")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC", help=SRC_HELP)
+    p.add_argument("--tokenizer", required=True, help="SentencePiece model (path or URL)")
+    p.add_argument("--out", required=True, help=URL_HELP)
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents in the val split")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="target tokens per shard")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
     p.add_argument("--chunk-docs", type=int, default=64, help="documents per tokenization task")
-    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                   help="token id type on disk (auto: the smallest that holds the vocabulary)")
     p.add_argument("--segment-bytes", type=int, default=1 << 30,
                    help="group consecutive input files into segments of at least this many stored bytes (a hf: "
-                        "dataset is one segment); a segment is what one part prepares (default 1 GiB)")
+                        "dataset is one segment); a segment is what one part prepares")
     p.add_argument("--num-parts", type=int, default=1,
                    help="split the preparation into this many parts, run separately (e.g. a SLURM array, all with "
                         "the same --out), then `tape-pretrain data merge URL`; the result is byte-identical to one "
-                        "run without parts (default 1: prepare and merge here)")
+                        "run without parts (1: prepare and merge here)")
     p.add_argument("--part", type=int, default=0,
                    help="with --num-parts P: the part this run prepares, 0 to P-1 (the segments whose index is "
                         "--part modulo P)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for the URLs (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=cmd_prep)
 
-    data = sub.add_parser("data", help="verify, inspect or merge a prepared dataset").add_subparsers(
-        dest="action", required=True)
+    data = _command(sub, "data", "verify, inspect or merge a prepared dataset").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
     for name, func, what in (
             ("verify", cmd_data_verify, "check every shard and offsets file against the manifest"),
             ("inspect", cmd_data_inspect, "summarize a dataset: splits, documents and their lengths, recipe"),
             ("merge", cmd_data_merge, "write the manifest of a prep that ran in parts (prep --num-parts P "
                                       "--part i), once every part has finished")):
-        p = data.add_parser(name, help=what)
-        p.add_argument("url", help="dataset URL (path, file://, s3://, gs://, memory://)")
+        p = _command(data, name, what)
+        p.add_argument("url", help=URL_HELP)
         p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec storage option for the URL (repeatable)")
         if name == "inspect":
@@ -237,19 +332,37 @@ def build_parser() -> argparse.ArgumentParser:
                                 "per split, evenly spaced")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("train", help="pretrain a model")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
+    p = _command(sub, "train", "pretrain a model",
+                 "The config is a YAML file of the run config tree; key=value overrides (dotted keys, YAML values) "
+                 "win over it, and it over the defaults.\nList every key with its default and meaning: "
+                 "`tape-pretrain config show [CONFIG] [key=value ...] [--diff]`.\nSeveral GPUs: `torchrun "
+                 "--nproc-per-node N -m tape_pretrain.cli train CONFIG` (see README.md, Launching).")
+    p.add_argument("config", help="run config YAML (examples in configs/runs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. trainer.max_steps=1000 model.positional.name=rope")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity at several lengths and passkey retrieval")
-    p.add_argument("checkpoint", help="a checkpoint directory or an export directory")
-    p.add_argument("--data", required=True, help="dataset URL")
-    p.add_argument("--lengths", default="128,256,512")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    cfg = _command(sub, "config", "show the run config tree").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = _command(cfg, "show", "print every config key with its value, default and meaning",
+                 "The config resolved as `tape-pretrain train` resolves it: defaults, then CONFIG, then the "
+                 "overrides.")
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (none: the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as train takes them")
+    p.add_argument("--diff", action="store_true", help="only the keys whose value differs from the default")
+    p.set_defaults(func=cmd_config_show)
+
+    p = _command(sub, "eval", "perplexity at several lengths and passkey retrieval",
+                 "One progress bar per length on a terminal, one line per length otherwise. Under torchrun every "
+                 "rank scores a share of the windows.")
+    p.add_argument("checkpoint", help="a run directory (its export/) or an export directory")
+    p.add_argument("--data", required=True, help=URL_HELP + "; its val split is scored")
+    p.add_argument("--lengths", default="128,256,512", help="comma-separated evaluation lengths in tokens")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride; each token is scored once, with at least length - stride tokens of "
+                        "context (default: non-overlapping windows)")
     p.add_argument("--max-tokens", type=int, default=200_000, help="val tokens evaluated per length")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, as training), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
@@ -263,74 +376,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey", action="store_true",
                    help="passkey retrieval in the LongLoRA / Landmark format, greedy, exact match")
     p.add_argument("--passkey-lengths", default=None,
-                   help="prompt lengths in tokens (at most, within one filler sentence); default --lengths")
+                   help="prompt lengths in tokens (at most, within one filler sentence) (default: --lengths)")
     p.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="key positions, 0 (first) to 1 (last)")
     p.add_argument("--passkey-trials", type=int, default=20,
                    help="random keys per (length, depth) cell; reported with a Wilson 95%% interval")
-    p.add_argument("--out", default=None, help="directory for eval.json, eval.md and plots")
-    p.add_argument("--plot", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="directory for eval.json, eval.md and plots (default: the export's parent, the run "
+                        "directory)")
+    p.add_argument("--plot", action="store_true", help="also draw perplexity against length (perplexity.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkey draws")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="evaluate on a dataset tokenized with another tokenizer of the same vocabulary size "
                         "(refused by default: the perplexity would be meaningless)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="consolidated safetensors export of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
+    p = _command(sub, "export", "consolidated safetensors export of a checkpoint",
+                 "Any engine and world size; RoPE exports load in Hugging Face transformers as Llama. Prints a line "
+                 "per phase with the elapsed time.")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (local or remote: its newest "
+                                      "complete checkpoint)")
+    p.add_argument("--out", required=True, help="local directory for model.safetensors, config.json and "
+                                                "tokenizer.model")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an export in a non-empty --out (run and checkpoint directories are always refused)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("study", help="a grid of runs with RESULTS.md and plots")
-    p.add_argument("study")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = _command(sub, "plot", "draw loss, val loss, lr, seq_len and throughput against tokens for one or several "
+                              "runs; one PNG per metric")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl)")
+    p.add_argument("--out", default=None,
+                   help="directory for the PNGs (default: the first run directory's plots/)")
+    p.set_defaults(func=cmd_plot)
+
+    p = _command(sub, "study", "a grid of runs with RESULTS.md and plots",
+                 "Trains, evaluates and reports every run of the grid in turn (`study: run 3/18 NAME: ...`), "
+                 "re-using finished runs whose config is unchanged and resuming interrupted ones.")
+    p.add_argument("study", help="study YAML (examples in configs/studies/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the study file, e.g. launcher=print seeds=[1,2]")
     p.add_argument("--dry-run", action="store_true", help="print the launch commands only")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("doctor", help="preflight checks of the environment, data and run directory")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = _command(sub, "doctor", "preflight checks of the environment, data and run directory")
+    p.add_argument("config", nargs="?", default=None,
+                   help="run config YAML whose data, run directory and model are checked too (default: the "
+                        "environment only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as train takes them")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("bench", help="side-by-side benchmarks printed as ratios")
-    p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "gpu", "all"])
-    p.add_argument("--preset", default="paper-155m")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=None, help="default 1 (bench gpu, and bench model on a GPU: 8)")
-    p.add_argument("--repeats", type=int, default=5)
+    p = _command(sub, "bench", "side-by-side benchmarks printed as ratios")
+    p.add_argument("what", choices=["model", "prep", "loader", "train", "checkpoint", "decode", "gpu", "all"],
+                   help="what to time (all: model, prep, loader, train and checkpoint; decode: cached against "
+                        "uncached generation, TAPE and RoPE)")
+    p.add_argument("--preset", default=None,
+                   help="model size preset (default: paper-155m for model, checkpoint, gpu and all; tiny for decode)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length (bench model, all)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per forward (default: 1; bench gpu, and bench model on a GPU: 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
     p.add_argument("--compile", action="store_true", help="bench model: torch.compile each block of both models")
+    p.add_argument("--prompt-len", type=int, default=1024, help="bench decode: prompt tokens before generating")
+    p.add_argument("--new-tokens", type=int, default=64, help="bench decode: tokens generated after the prompt")
     p.add_argument("--tape-attention", choices=["auto", "two_calls", "one_call", "both"], default="auto",
                    help="bench model: TAPE's attention form (model.positional.tape_attention); both: time each")
-    g = p.add_argument_group("bench gpu", "the one-GPU check (launch/gpu_check.sh); --preset, --batch and "
-                                          "--repeats size its speed, MFU and SDPA sections")
+    g = p.add_argument_group("bench gpu", _fill("the one-GPU check (launch/gpu_check.sh); --preset, --batch and "
+                                                "--repeats size its speed, MFU and SDPA sections"))
     g.add_argument("--seq-lens", default="1024,4096", help="sequence lengths of the speed, MFU and SDPA sections")
     g.add_argument("--train-preset", default="tiny", help="model of the training, resume and async-save sections")
-    g.add_argument("--train-seq-len", type=int, default=256)
-    g.add_argument("--train-batch", type=int, default=8)
-    g.add_argument("--train-steps", type=int, default=30)
+    g.add_argument("--train-seq-len", type=int, default=256, help="sequence length of the training sections")
+    g.add_argument("--train-batch", type=int, default=8, help="sequences per step of the training sections")
+    g.add_argument("--train-steps", type=int, default=30, help="steps of each training run")
     g.add_argument("--data", default=None, help="dataset URL for the training runs (default: the built-in corpus, "
                                                 "prepared on the fly)")
     g.add_argument("--work-dir", default=None, help="keep runs and checkpoints here (default: a temporary directory)")
-    g.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs)")
+    g.add_argument("--peak-flops", type=float, default=None,
+                   help="peak FLOP/s for MFU (default: looked up for known GPUs)")
     p.set_defaults(func=cmd_bench)
 
-    insp = sub.add_parser("inspect", help="describe a model").add_subparsers(dest="action", required=True)
-    p = insp.add_parser("model")
-    p.add_argument("model", help="preset name or config file")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--positional", default=None, help="one encoding instead of the rope/tape pair")
-    g = p.add_argument_group("memory plan", "with --engine: estimated memory per rank of one training step "
-                                            "(at --seq-len, default the model's max_seq_len)")
-    g.add_argument("--engine", choices=["deepspeed", "fsdp2", "ddp"], default=None)
-    g.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage 0-3")
-    g.add_argument("--world", type=int, default=None, help="ranks sharing the model (default 1)")
-    g.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per forward (default 1)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default bf16")
+    insp = _command(sub, "inspect", "describe a model").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _command(insp, "model", "parameters, positional parameters and FLOPs per token of a model, and with --engine "
+                                "its memory per rank in training")
+    p.add_argument("model", help="preset name, run config YAML (the model its training builds) or export directory")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length of the FLOPs (default: the model's max_seq_len)")
+    p.add_argument("--positional", default=None, choices=POSITIONAL_NAMES,
+                   help="one encoding instead of the rope/tape pair (default: both)")
+    g = p.add_argument_group("memory plan", _fill("with --engine: estimated memory per rank of one training step "
+                                                  "(at --seq-len, default the model's max_seq_len)"))
+    g.add_argument("--engine", choices=["deepspeed", "fsdp2", "ddp"], default=None,
+                   help="training engine to plan for (default: no memory plan)")
+    g.add_argument("--zero-stage", type=int, default=None,
+                   help="DeepSpeed ZeRO stage 0-3 (default: none, required with --engine deepspeed)")
+    g.add_argument("--world", type=int, default=None, help="ranks sharing the model (default: 1)")
+    g.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per forward (default: 1)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="training precision (default: bf16; with --engine ddp: fp32)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    g.add_argument("--replicate-degree", type=int, default=None, help="FSDP2: HSDP replicas (default 1)")
+    g.add_argument("--replicate-degree", type=int, default=None, help="FSDP2: HSDP replicas (default: 1)")
     g.add_argument("--no-reshard-after-forward", dest="reshard_after_forward", action="store_false",
-                   help="FSDP2: keep gathered parameters from forward to backward")
+                   help="FSDP2: keep gathered parameters from forward to backward (default: reshard)")
     p.set_defaults(func=cmd_inspect_model)
     return parser
 

@@ -120,6 +120,19 @@ class DataConfig:
     """Extra fsspec options for the dataset URL (e.g. endpoint_url); credentials come from the environment."""
     allow_tokenizer_mismatch: bool = False
     """Train even when the dataset's tokenizer differs from the one the run started with."""
+    access: Literal["copy", "stream"] = "copy"
+    """copy: each node's first rank fetches and verifies the whole train split before step 0 and its other ranks
+    re-use that copy; stream: each rank reads the train split's shards when its loader first needs them, through
+    a bounded local cache (data.stream_cache_gib), each verified on first use. Either way the val splits are
+    copied, and the batches are the same."""
+    fetch_timeout_s: float = 3600.0
+    """Deadline for a node's first rank to fetch and verify a split; the node's other ranks wait for it this long
+    (not parallel.timeout_s) and then stop with one error."""
+    stream_cache_gib: float = 64.0
+    """data.access=stream: local disk the stream cache may fill on each node (in data.cache_dir), shared evenly by
+    the node's ranks; every shard must fit in one rank's share."""
+    stream_lookahead_batches: int = 4
+    """data.access=stream: global batches ahead of the loader whose shards are fetched in the background."""
 
 
 @dataclass
@@ -208,7 +221,9 @@ class TrainerConfig:
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None looks the GPU up in a table."""
     progress_bar: bool = True
-    """Show a tqdm bar on rank 0."""
+    """Show a progress bar on rank 0 when stderr is a terminal (never in a log file)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[a, b]: record a torch.profiler trace of steps a..b (and a CUDA memory snapshot on GPU) to RUN_DIR/profile."""
 
 
 @dataclass
@@ -279,6 +294,10 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)."""
+    all_ranks: bool = False
+    """Every rank logs at INFO to the console and to RUN_DIR/logs/rank<R>.log (default: rank 0; others warn)."""
 
 
 @dataclass
@@ -557,6 +576,8 @@ def validate(config: RunConfig) -> None:
                         ("checkpoint.keep_every", config.checkpoint.keep_every), ("seed", config.seed)):
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
+        raise ConfigError(f"trainer.profile_steps must be [first, last] with 1 <= first <= last, got {t.profile_steps}")
     windows = t.eval_batches * t.micro_batch_size  # val windows of seq_len per rank and evaluation
     for m in t.eval_length_multipliers:
         if m <= 0:
@@ -611,3 +632,104 @@ def _validate_sources(data: DataConfig) -> None:
         if name in names:
             raise ConfigError(f"{where}: two sources are named {name!r}; give each a distinct name")
         names.add(name)
+
+
+
+# ---- merging and describing configs --------------------------------------------------------------
+
+def dotted_leaves(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """The leaves of a nested mapping (values that are not mappings, and empty mappings) with their dotted keys, in
+    order: ``{"a": {"b": 1}, "c.d": 2}`` gives ``[("a.b", 1), ("c.d", 2)]``."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += dotted_leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def set_leaves(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Set every leaf of ``update`` (keys dotted, ``{"trainer.seq_len": 64}``, or nested, ``{"trainer": {"seq_len":
+    64}}``) in ``data`` with ``set_dotted``, in order: sections merge, leaves replace. Returns ``data``."""
+    for key, value in dotted_leaves(update):
+        set_dotted(data, key, value)
+    return data
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One leaf key of a config tree, as `tape-pretrain config show` prints it."""
+
+    key: str
+    """Dotted name, as an override writes it: model.positional.name."""
+    value: Any
+    """Its value in the config described, as plain data (YAML's lists and mappings)."""
+    default: Any
+    """Its default value, as plain data."""
+    doc: str
+    """The field's docstring, on one line ("" for a field without one)."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (the string literal right below each field in its source), on
+    one line each, by field name; a field without one is absent."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def describe_config(config: Any = None, defaults: Any = None) -> list[KeyDoc]:
+    """Every leaf key of a config tree (a RunConfig, the defaults when None), depth first in field order, with its
+    value, its default (from ``defaults``, else the tree's class built without arguments) and its docstring.
+    A field holding a dataclass is a section; every other field (lists of sources or phases included) is a leaf."""
+    config = RunConfig() if config is None else config
+    defaults = type(config)() if defaults is None else defaults
+    out: list[KeyDoc] = []
+
+    def walk(node: Any, default: Any, prefix: str) -> None:
+        docs = field_docs(type(node))
+        for f in dataclasses.fields(node):
+            value, default_value = getattr(node, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, default_value, f"{prefix}{f.name}.")
+            else:
+                out.append(KeyDoc(f"{prefix}{f.name}", _plain(value), _plain(default_value), docs.get(f.name, "")))
+
+    walk(config, defaults, "")
+    return out
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as the right-hand side of a ``key=value`` override (one line of YAML)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+    return text.removesuffix("...").strip()
+
+
+def format_key_docs(docs: list[KeyDoc], width: int = 100) -> str:
+    """``key = value  (default: d)`` and the key's docstring below it, indented, for each key."""
+    import textwrap
+
+    lines = []
+    for d in docs:
+        lines.append(f"{d.key} = {yaml_value(d.value)}  (default: {yaml_value(d.default)})")
+        lines += textwrap.wrap(d.doc, width, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)

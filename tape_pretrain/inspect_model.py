@@ -3,41 +3,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tape_pretrain.config import ModelConfig, PositionalConfig, load_config
 from tape_pretrain.memory_plan import MemoryPlan, plan_memory
 from tape_pretrain.models import build_model
-from tape_pretrain.models.presets import PRESETS
-
-
-def model_config_from(name_or_config: str, positional: str | None) -> ModelConfig:
-    if name_or_config in PRESETS:
-        config = ModelConfig(preset=name_or_config)
-    elif Path(name_or_config).is_file():
-        config = load_config(name_or_config).model
-    else:
-        from tape_pretrain.config import ConfigError
-
-        raise ConfigError(f"{name_or_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
-    if positional:
-        config.positional = PositionalConfig(name=positional)
-    return config
+from tape_pretrain.models.presets import resolve_model_config_from
 
 
 def inspect_model(name_or_config: str, seq_len: int | None = None, positional: str | None = None,
                   memory: dict | None = None) -> str:
-    """The report; ``memory`` (plan_memory's keyword arguments but the model and the sequence length) adds the
-    memory plan of each encoding shown."""
+    """The report on a preset, a run config file (the model its training builds) or an export directory: for the
+    ``positional`` encoding, else for RoPE and TAPE. ``memory`` (plan_memory's keyword arguments but the model and
+    the sequence length) adds the memory plan of each encoding shown."""
     import torch
 
-    base = model_config_from(name_or_config, positional)
-    names = [base.positional.name] if positional else ["rope", "tape"]
+    names = [positional] if positional else ["rope", "tape"]
     lines, plans = [], {}
     with torch.device("meta"):  # shapes only: a 7B model inspects instantly and without memory
         for name in names:
-            config = ModelConfig(**{**base.__dict__, "positional": PositionalConfig(
-                **{**base.positional.__dict__, "name": name})})
+            config = resolve_model_config_from(name_or_config, positional=name)
             model = build_model(config)
             n = seq_len or model.config.max_seq_len
             flops = model.forward_flops_per_token(n)

@@ -114,9 +114,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def fault_env(env: dict[str, str] | None = None, **switches: str) -> dict[str, str]:
+    """``env`` (default base_env()) with the test-side fault injection of tests/fault_injection switched on by
+    ``switches`` (TAPE_PRETRAIN_TEST_STEP_SLEEP=..., TAPE_PRETRAIN_TEST_HANG=...): every Python process started
+    with it, through any launcher, patches the trainer at start-up."""
+    env = dict(env or base_env(), **switches)
+    env["PYTHONPATH"] = str(ROOT / "tests" / "fault_injection") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def start_training(cmd: list[str], step_sleep: float) -> subprocess.Popen:
-    """Start a run whose steps are slowed (test hook) so a fault can land mid-run."""
-    env = dict(base_env(), TAPE_PRETRAIN_TEST_STEP_SLEEP=str(step_sleep))
+    """Start a run whose steps are slowed (test-side hook) so a fault can land mid-run."""
+    env = fault_env(TAPE_PRETRAIN_TEST_STEP_SLEEP=str(step_sleep))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 EXPECTED = {
     "model": ["tape_ms", "rope_ms", "ratio_tape_over_rope"],
     "prep": ["raw_tokens_per_s", "prep_over_raw_1w", "speedup_2w"],
-    "loader": ["loader_tokens_per_s", "documents_vs_plain", "mixture_vs_plain"],
+    "loader": ["loader_tokens_per_s", "documents_vs_plain", "mixture_vs_plain", "stream_vs_copy"],
     "train": ["trainer_step_ms", "bare_step_ms", "trainer_overhead", "document_vs_causal", "mixture_vs_single"],
     "checkpoint": ["save_over_raw", "load_over_raw", "async_blocking_over_sync"],
 }

@@ -96,3 +96,56 @@ def test_float_spellings_of_yaml_1_1_and_1_2_parse(tmp_path, spelling, value):
     f = tmp_path / "c.yaml"
     f.write_text(f"optim:\n  lr: {spelling}\n")
     assert load_config(f).optim.lr == value
+
+
+def test_set_leaves_merges_sections_and_replaces_leaves_dotted_or_nested():
+    from tape_pretrain.config import set_leaves
+
+    data = {"trainer": {"seq_len": 64, "max_steps": 5}, "model": {"positional": {"name": "tape", "rope_base": 5.0}}}
+    set_leaves(data, {"trainer.seq_len": 32, "model": {"positional": {"name": "rope"}, "preset": None},
+                      "data.storage_options": {}, "optim.betas": [0.8, 0.9]})
+    assert data == {"trainer": {"seq_len": 32, "max_steps": 5},
+                    "model": {"positional": {"name": "rope", "rope_base": 5.0}, "preset": None},
+                    "data": {"storage_options": {}}, "optim": {"betas": [0.8, 0.9]}}
+    with pytest.raises(ConfigError, match="seq_len is not a section"):
+        set_leaves(data, {"trainer.seq_len.x": 1})
+
+
+def test_one_model_resolver_for_runs_models_records_exports_files_and_presets(tmp_path):
+    """resolve_model_config_from gives the same model from each form a model is described in."""
+    import dataclasses
+
+    import torch
+
+    from tape_pretrain.config import ModelConfig, to_dict
+    from tape_pretrain.errors import CheckpointError, DataError
+    from tape_pretrain.models import build_model
+    from tape_pretrain.models.presets import resolve_model_config_from
+    from tape_pretrain.train.export import save_export
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: tiny\n  vocab_size: null\n  positional:\n    tape_position_size: 8\n"
+                    "trainer:\n  seq_len: 64\n  global_batch_tokens: 256\n")
+    run = load_config(path)
+    model = resolve_model_config_from(run, vocab_size=512)
+    assert (model.vocab_size, model.max_seq_len, model.hidden_size) == (512, 64, 128)  # the dataset's, the window's
+    assert model.positional.tape_position_size == 8
+    assert resolve_model_config_from(model) == model
+    assert resolve_model_config_from(to_dict(model)) == model  # a checkpoint's record
+    assert resolve_model_config_from(str(path), vocab_size=512) == model
+    torch.manual_seed(0)
+    save_export(build_model(model).state_dict(), model, tmp_path / "export", None)
+    assert resolve_model_config_from(tmp_path / "export") == model
+    assert resolve_model_config_from(str(tmp_path / "export"), positional="rope") == dataclasses.replace(
+        model, positional=dataclasses.replace(model.positional, name="rope"))
+    assert resolve_model_config_from("tiny") == resolve_model_config(ModelConfig(preset="tiny"))
+    with pytest.raises(DataError, match="model.vocab_size=512 but the dataset's tokenizer has 256 ids"):
+        resolve_model_config_from(model, vocab_size=256)
+    assert resolve_model_config_from(model, vocab_size=256, check_vocab=False).vocab_size == 512
+    with pytest.raises(ConfigError, match="unknown config key model.positional.bogus"):
+        resolve_model_config_from({"positional": {"bogus": 1}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not an export"):
+        resolve_model_config_from(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="neither a preset"):
+        resolve_model_config_from("no-such-model")

@@ -14,6 +14,7 @@ from tests.helpers import (
     _save_log,
     base_env,
     descendants,
+    fault_env,
     free_port,
     kill_tree,
     metrics,
@@ -54,7 +55,7 @@ def test_two_loopback_nodes_equal_one_node(tmp_path, dataset_path, reference):
 def test_retry_wrapper_recovers_from_a_killed_node(tmp_path, dataset_path, reference):
     cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{"trainer.max_steps": 8,
                                                                                "checkpoint.interval": 3})
-    env = launch_env(TAPE_PRETRAIN_TEST_STEP_SLEEP="0.4", RETRY_DELAY_S="1")
+    env = fault_env(launch_env(RETRY_DELAY_S="1"), TAPE_PRETRAIN_TEST_STEP_SLEEP="0.4")
     cmd = ["bash", str(ROOT / "launch/retry.sh"), "2", "bash", str(ROOT / "launch/local_multinode.sh"), str(cfg)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -122,7 +123,8 @@ def test_stalled_rank_fails_the_job_and_the_retry_resumes_bitwise(tmp_path, data
     cfg = write_config(tmp_path / "c.yaml", dataset_path, tmp_path / "run", **{
         "trainer.max_steps": 8, "checkpoint.interval": 3, "parallel.timeout_s": 10})
     marker = tmp_path / "stalled"
-    env = launch_env(TAPE_PRETRAIN_TEST_HANG="1:5", TAPE_PRETRAIN_TEST_HANG_MARKER=str(marker), RETRY_DELAY_S="1")
+    env = fault_env(launch_env(RETRY_DELAY_S="1"), TAPE_PRETRAIN_TEST_HANG="1:5",
+                    TAPE_PRETRAIN_TEST_HANG_MARKER=str(marker))
     first = subprocess.Popen(train_command(2, cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     while not marker.exists():

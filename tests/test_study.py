@@ -4,6 +4,7 @@ SLURM array (resources, a port chosen on the node, signal forwarding and requeue
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,7 +336,11 @@ def test_study_runs_reuses_by_config_hash_and_reports(tmp_path, dataset_path, ca
         image = mpimg.imread(root / plot)
         assert image.shape[0] > 200 and image.shape[1] > 300
         assert image[..., :3].std() > 0.01  # not a blank canvas
-    capfd.readouterr()
+    first = capfd.readouterr()
+    for number, name in enumerate(("rope-a-s1234", "rope-b-s1234", "tape-a-s1234", "tape-b-s1234"), 1):
+        assert f"study: run {number}/4 {name}: training (" in first.out
+        assert re.search(rf"study: run {number}/4 {name}: done in [\d.]+s", first.out)
+    assert first.err.count("eval 32: ") == first.err.count("eval 64: ") == 4 and "\r" not in first.err
     run_study(str(path), [])
     assert capfd.readouterr().out.count("already finished; skipped") == 4
 

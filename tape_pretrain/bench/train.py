@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from tape_pretrain.bench.loader import prepared_dataset
 from tape_pretrain.bench.timing import format_result
-from tape_pretrain.config import load_config
+from tape_pretrain.config import load_config, to_dict
 from tape_pretrain.distributed.engine import lm_loss
 from tape_pretrain.models import build_model
-from tape_pretrain.train.trainer import resolve_run_model_config, train
+from tape_pretrain.train.resume import resolve_run_model_config
 
 
 def run(steps: int = 12, warmup: int = 4) -> dict:
@@ -32,7 +35,11 @@ def run(steps: int = 12, warmup: int = 4) -> dict:
         config = load_config(None, overrides)
 
         def trainer_step_time(name: str, *more: str) -> float:
-            train(load_config(None, [*overrides, f"run_dir={tmp}/{name}", *more]))
+            # each run in a process of its own: DeepSpeed keeps the first process group of a process
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(to_dict(load_config(None, [*overrides, f"run_dir={tmp}/{name}", *more]))))
+            subprocess.run([sys.executable, "-m", "tape_pretrain.cli", "train", str(path)], check=True,
+                           stdout=subprocess.DEVNULL)
             lines = [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
             return statistics.median(r["step_time_s"] for r in lines if "loss" in r and r["step"] > warmup)
 

@@ -23,26 +23,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tape_pretrain.data.cache import CachedSplit
+from tape_pretrain.data.cache import CachedSplit, MemmapShards
 from tape_pretrain.data.mixture import Interleaving, integer_weights
+from tape_pretrain.data.stream import StreamedSplit
 from tape_pretrain.errors import CheckpointError, DataError
 
 
 class TokenWindows:
-    """Random access to windows of ``window_len + 1`` tokens over the concatenated shards (memory-mapped), and to
-    the document each token belongs to where the shards' document starts are recorded."""
+    """Random access to windows of ``window_len + 1`` tokens over the concatenated shards, and to the document each
+    token belongs to where the shards' document starts are recorded.
 
-    def __init__(self, split: CachedSplit, dtype: str, window_len: int, where: str = "the split"):
-        self.arrays = [np.memmap(s.path, dtype=dtype, mode="r") for s in split.shards]
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+    ``split`` gives the shard storage: a CachedSplit (data.access=copy: local files, memory-mapped) or a
+    StreamedSplit (data.access=stream: shards fetched when first read, through a bounded cache). A window's shards
+    are acquired while it is copied out and released after; the storage is safe to read from several threads."""
+
+    def __init__(self, split: CachedSplit | StreamedSplit, dtype: str, window_len: int, where: str = "the split"):
+        opener = getattr(split, "open_shards", None)  # anything with .shards of local files reads as a CachedSplit
+        self.shards = opener(dtype) if opener is not None else MemmapShards(split, dtype)
+        self.starts = np.cumsum([0] + list(self.shards.lengths))
         self.window_len = window_len
         total = int(self.starts[-1])
         self.num_windows = (total - 1) // window_len if total > 1 else 0
         if self.num_windows == 0:
             raise DataError(f"{where} has {total:,} tokens, too few for one window of length {window_len:,}")
-        docs = [getattr(s, "docs_path", None) for s in split.shards]
-        # Each shard's document starts (token offsets in the shard, the first 0), verified by the cache.
-        self.document_starts = [np.memmap(p, dtype="<u8", mode="r") for p in docs] if all(docs) else None
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +53,7 @@ class TokenWindows:
 
     @property
     def has_documents(self) -> bool:
-        return self.document_starts is not None
+        return self.shards.has_documents
 
     def gather(self, indices: np.ndarray, with_documents: bool = False):
         """[len(indices), window_len + 1] int64 tokens of windows ``indices`` (stride window_len); with
@@ -63,21 +66,37 @@ class TokenWindows:
         if with_documents and not self.has_documents:
             raise DataError("this dataset records no document starts (prepared before document offsets)")
         n = self.window_len + 1
+        starts = np.asarray(starts, dtype=np.int64)
         out = np.empty((len(starts), n), dtype=np.int64)
         # 1 where a document begins inside the row; the running sum is then the row's document ids
         begins = np.zeros((len(starts), n), dtype=np.int32) if with_documents else None
-        for row, start in enumerate(starts):  # one slice per window and shard, never per token
-            start = int(start)
-            shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-            offset = start - int(self.starts[shard])
-            filled = 0
-            while filled < n:  # the window may continue into the next shard(s)
-                piece = self.arrays[shard][offset:offset + n - filled]
-                out[row, filled:filled + len(piece)] = piece
-                if begins is not None:
-                    self._mark_document_starts(begins[row], shard, offset, len(piece), filled)
-                filled += len(piece)
-                shard, offset = shard + 1, 0
+        firsts = np.searchsorted(self.starts, starts, side="right") - 1  # each row's first and last shard
+        lasts = np.searchsorted(self.starts, starts + (n - 1), side="right") - 1
+        bases = self.starts[firsts]
+        storage, held = self.shards, None
+        # rows in shard order, each to its own place: the storage is acquired once per run of rows on the same
+        # shards (and a stream cache fetches a shard once per call)
+        order = np.lexsort((lasts, firsts))
+        try:
+            for row, start, shard, last, base in zip(order.tolist(), starts[order].tolist(), firsts[order].tolist(),
+                                                     lasts[order].tolist(), bases[order].tolist()):
+                if held != (shard, last):
+                    if held is not None:
+                        storage.release(*held)
+                        held = None
+                    arrays, document_starts = storage.acquire(shard, last)
+                    held = (shard, last)
+                offset, filled = start - base, 0
+                while filled < n:  # one slice per window and shard, never per token: it may span shards
+                    piece = arrays[shard][offset:offset + n - filled]
+                    out[row, filled:filled + len(piece)] = piece
+                    if begins is not None:
+                        self._mark_document_starts(begins[row], document_starts[shard], offset, len(piece), filled)
+                    filled += len(piece)
+                    shard, offset = shard + 1, 0
+        finally:
+            if held is not None:
+                storage.release(*held)
         if begins is None:
             return out
         return out, np.cumsum(begins, axis=1, dtype=np.int32)
@@ -88,16 +107,18 @@ class TokenWindows:
         when it starts its document."""
         if not self.has_documents:
             raise DataError("this dataset records no document starts (prepared before document offsets)")
-        starts = np.concatenate([s.astype(np.int64) + int(base) for s, base in zip(self.document_starts, self.starts)])
+        starts = np.concatenate([s.astype(np.int64) + int(base)
+                                 for s, base in zip(self.shards.all_document_starts(), self.starts)])
         lengths = np.diff(np.append(starts, self.num_tokens))
         counts = np.where(lengths > self.window_len, (lengths - self.window_len - 1) // stride + 1, 0)
         ordinal = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # window j of its document
         return np.repeat(starts, counts) + ordinal * stride, ordinal == 0
 
-    def _mark_document_starts(self, begins: np.ndarray, shard: int, offset: int, length: int, filled: int) -> None:
-        """Set begins[filled + j] = 1 where a document starts at token offset + j of ``shard`` (j < length); the
-        row's first token starts the row's first id whether or not a document starts there."""
-        starts = self.document_starts[shard]
+    @staticmethod
+    def _mark_document_starts(begins: np.ndarray, starts: np.ndarray, offset: int, length: int, filled: int) -> None:
+        """Set begins[filled + j] = 1 where a document starts at token offset + j of the shard whose document
+        ``starts`` are given (j < length); the row's first token starts the row's first id whether or not a document
+        starts there."""
         first = int(np.searchsorted(starts, offset, side="right" if filled == 0 else "left"))
         last = int(np.searchsorted(starts, offset + length, side="left"))
         begins[starts[first:last].astype(np.int64) - offset + filled] = 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,11 +59,10 @@ from tape_pretrain.data.sources import (
 from tape_pretrain.data.storage import exists, is_local, join, open_url, read_bytes, with_retries, write_bytes_atomic
 from tape_pretrain.data.tokenizer import Tokenizer
 from tape_pretrain.errors import DataError
+from tape_pretrain.utils.progress import Progress
 
 JOURNAL = "_prep"
 SEGMENT_BYTES = 1 << 30
-# Fault-injection hook for tests: seconds to pause after each shard, so a kill can land mid-run.
-_SLEEP_PER_SHARD = float(os.environ.get("TAPE_PRETRAIN_PREP_SLEEP_PER_SHARD", "0"))
 _STAT_KEYS = ("documents", "empty_skipped", "invalid_utf8_replaced", "nul_removed", "newlines_normalized")
 
 
@@ -186,8 +186,6 @@ class ShardWriter:
                            json.dumps(journal).encode())
         self.entries.append(entry)
         self.pending, self.pending_starts, self.pending_tokens = [], [], 0
-        if _SLEEP_PER_SHARD:
-            time.sleep(_SLEEP_PER_SHARD)
 
 
 def _files_intact(fs, root: str, shard: ShardInfo) -> bool:
@@ -478,39 +476,43 @@ def _prepare_segments(fs, root: str, options: PrepOptions, tokenizer: Tokenizer,
     todo = [s for s in segments if s.index in writers]
     by_index = {s.index: s for s in todo}
     stats = {s.index: SourceStats() for s in todo}
-    started = time.perf_counter()
-    progress = _progress(options.progress)
+    progress = _progress(options.progress, todo)
 
     def jobs():
-        """(segment, split) and a chunk of its texts; (segment, None) and None once a segment's documents end."""
+        """((segment, split), read position) and a chunk of its texts; ((segment, None), read position) and None once
+        a segment's documents end. The read position is the progress bar's, after the chunk's last document."""
+        read = _ReadPosition(by_bytes=progress.unit == "B")
         for segment in todo:
             segment_writers = writers[segment.index]
             pending: dict[str, list[str]] = {split: [] for split in SPLITS}
             pending_bytes = dict.fromkeys(SPLITS, 0)
             seen = dict.fromkeys(SPLITS, 0)
+            read.start(segment, stats[segment.index])
             documents = iter_segment_documents(segment, options.text_field, stats[segment.index],
                                                options.storage_options)
             for index, text in enumerate(documents):
                 split = "val" if in_val_split(index, options.val_fraction) else "train"
                 seen[split] += 1
-                if progress is not None:
-                    progress.update(1)
+                read.document(text)
                 if seen[split] <= segment_writers[split].docs_done:
                     continue  # already in a verified shard
                 pending[split].append(text)
                 pending_bytes[split] += len(text)
                 # small chunks keep the workers evenly loaded to the end; a chunk depends only on its documents
                 if len(pending[split]) == options.chunk_docs or pending_bytes[split] >= options.chunk_bytes:
-                    yield (segment.index, split), pending[split]
+                    yield (segment.index, split, read.position), pending[split]
                     pending[split], pending_bytes[split] = [], 0
+            read.end()
             for split in SPLITS:
                 if pending[split]:
-                    yield (segment.index, split), pending[split]
-            yield (segment.index, None), None
+                    yield (segment.index, split, read.position), pending[split]
+            yield (segment.index, None, read.position), None
 
-    total_tokens = 0
-    try:
-        for (index, split), encoded in _run_jobs(jobs(), tokenizer, options.workers):
+    total_tokens = total_documents = 0
+    with progress:
+        # progress follows the chunks as they come back tokenized (reading runs a bounded look-ahead in front)
+        for (index, split, position), encoded in _run_jobs(jobs(), tokenizer, options.workers):
+            progress.update(position - progress.n)
             if split is None:  # every chunk of the segment is written: close its shards and record it
                 for writer in writers[index].values():
                     writer.flush()
@@ -520,13 +522,8 @@ def _prepare_segments(fs, root: str, options: PrepOptions, tokenizer: Tokenizer,
             tokens, starts = encoded
             writers[index][split].add(tokens, starts)
             total_tokens += len(tokens)
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                read = sum(s.bytes_read for s in stats.values())
-                progress.set_postfix(tokens=f"{total_tokens:,}", MBps=f"{read / 1e6 / elapsed:.1f}", refresh=False)
-    finally:
-        if progress is not None:
-            progress.close()
+            total_documents += len(starts)
+            progress.set_postfix(documents=f"{total_documents:,}", tokens=f"{total_tokens:,}")
     return [records[s.index] for s in segments]
 
 
@@ -658,12 +655,48 @@ def _check_in_place(fs, root: str, url: str, splits: dict[str, list[ShardInfo]])
                                 "files and rewrites what is damaged)")
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _ReadPosition:
+    """How far prep has read its segments: in stored bytes of the input files, a file's bytes spread over its
+    documents by their length and never past the file's end; or in documents, when an input is a ``hf:`` dataset
+    (whose size is unknown)."""
 
-    return tqdm(unit="doc", desc="prep", mininterval=1.0, delay=2.0)  # quick runs and errors stay quiet
+    def __init__(self, by_bytes: bool):
+        self.by_bytes = by_bytes
+        self.done = 0
+        """Bytes of the segments already read, or documents read."""
+
+    def start(self, segment: Segment, stats: SourceStats) -> None:
+        self.segment, self.stats = segment, stats
+        self.file_ends = list(itertools.accumulate((size for _, _, size in segment.files), initial=0))
+        self.files = self.within = 0  # files of the segment opened; text read from the last one
+
+    def document(self, text: str) -> None:
+        if not self.by_bytes:
+            self.done += 1
+            return
+        if self.stats.files != self.files:  # a new file (empty ones may have been passed over)
+            self.files, self.within = self.stats.files, 0
+        self.within += len(text)
+
+    def end(self) -> None:
+        if self.by_bytes:
+            self.done += self.segment.num_bytes
+            self.files = 0
+
+    @property
+    def position(self) -> int:
+        if not self.by_bytes or self.files == 0:
+            return self.done
+        k = min(self.files, len(self.file_ends) - 1)
+        return self.done + min(self.file_ends[k - 1] + self.within, self.file_ends[k])
+
+
+def _progress(enabled: bool, segments: list[Segment]) -> Progress:
+    """Progress in stored bytes of the inputs, with a total and an ETA, when every segment is a list of files (their
+    sizes come from the listing); in documents, without a total, when one is a ``hf:`` dataset."""
+    if all(not s.hf for s in segments):
+        return Progress("prep", total=sum(s.num_bytes for s in segments), unit="B", unit_scale=True, enabled=enabled)
+    return Progress("prep", unit="doc", enabled=enabled)
 
 
 def _run_jobs(jobs, tokenizer: Tokenizer, workers: int):

@@ -140,9 +140,12 @@ class DeepSpeedEngine(Engine):
         """Convert a checkpoint saved on another data-parallel size to DeepSpeed's universal format. Each node's
         leader converts into RUN_DIR/.universal/ (never inside the checkpoint, whose files.json must keep
         verifying); every rank then loads it, resharded, and load() removes it."""
+        import collections
         import socket
         import subprocess
         import sys
+
+        from tape_pretrain.utils.progress import Phases, format_duration
 
         step_dir = os.path.dirname(os.path.abspath(directory))  # RUN_DIR/checkpoints/step_N
         run_dir = os.path.dirname(os.path.dirname(step_dir))
@@ -152,14 +155,26 @@ class DeepSpeedEngine(Engine):
             shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
             # In a fresh process: the converter must not issue collectives on this job's process group.
             # Weights-only there too: the converter unpickles every optimizer file of the checkpoint.
-            result = subprocess.run(
-                [sys.executable, "-m", "tape_pretrain.distributed.ds_universal", "--input_folder",
-                 os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
-                 "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                capture_output=True, text=True)
-            if result.returncode != 0:
-                tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-                failure = f"{step_dir}: DeepSpeed's universal conversion failed: {tail[0]}"
+            phases, phase = Phases("universal checkpoint"), None
+            output: collections.deque[str] = collections.deque(maxlen=20)
+            with subprocess.Popen(
+                    [sys.executable, "-m", "tape_pretrain.distributed.ds_universal", "--input_folder",
+                     os.path.join(directory, "engine"), "--output_folder", os.path.join(out, "engine"),
+                     "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+                for line in proc.stdout:
+                    if line.strip():
+                        output.append(line.strip())
+                    if line.startswith("*** "):  # its phases: "*** 1. Extracting ZeRO fragments", ..., "*** Done!"
+                        if phase is not None:
+                            phases.done(phase)
+                        name = line.removeprefix("*** ").strip().rstrip(". ")
+                        phase = None if name.startswith("Done") else name
+            if proc.returncode != 0:
+                failure = f"{step_dir}: DeepSpeed's universal conversion failed: {(output or ['no output'])[-1]}"
+            else:
+                print(f"universal checkpoint: converted {step_dir}, saved on another number of ranks, into {out} "
+                      f"({format_duration(phases.elapsed())})", file=sys.stderr, flush=True)
         # every rank learns of a failure (a rank left in a barrier would report a gloo error as the cause)
         if not all_agree_all(failure is None, self.env):
             raise CheckpointError(failure or f"{step_dir}: DeepSpeed's universal conversion failed on another node")

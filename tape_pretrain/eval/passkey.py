@@ -4,8 +4,11 @@ Wilson interval per cell.
 A prompt is the task description, whole filler sentences with the key sentence inserted between two of them,
 and the question. Each sentence is tokenized on its own (SentencePiece's dummy prefix is the space that joins
 them), so a prompt's length is counted exactly: a cell of length L holds prompts of at most L tokens, within one
-filler sentence of L. Decoding recomputes the full prefix for each new token (no cache): exact for every
-encoding, TAPE included, and cheap for the handful of tokens a key needs.
+filler sentence of L. Greedy decoding runs the prompt once and then one token per step through the model's decoding
+cache (tape_pretrain.models.cache; last-position logits only), which gives the logits of recomputing the whole prefix
+to rounding, for every encoding, TAPE included (in bf16 a near-tie may break the other way). Where the cache would
+not (RandPE with randrope_eval=sample draws the positions of the whole prefix anew at each length:
+Transformer.cache_refusal), and for models other than Transformer, each step recomputes the prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from tape_pretrain.models.transformer import Transformer
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -81,6 +86,19 @@ def settled(answer: str, key: str) -> bool:
     return bool(text) and not key.startswith(text)
 
 
+def greedy_tokens(model, tokens: torch.Tensor, max_new_tokens: int):
+    """The next token ids [B] of greedy decoding of tokens [B,N], step by step: Transformer.generate_greedy, with its
+    cache unless the encoding refuses one; any other model (a callable returning logits [B,N,V]) recomputes the
+    prefix each step."""
+    if isinstance(model, Transformer):
+        yield from model.generate_greedy(tokens, max_new_tokens, use_cache=model.cache_refusal() is None)
+        return
+    for _ in range(max_new_tokens):
+        next_ids = model(tokens)[:, -1].argmax(dim=-1)
+        yield next_ids
+        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+
+
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: PasskeyPrompt, device) -> str:
     """The model's greedy continuation of the prompt: a few tokens more than the key takes, fewer once the score is
@@ -88,14 +106,13 @@ def greedy_answer(model, tokenizer, prompt: PasskeyPrompt, device) -> str:
     eos = tokenizer.processor.eos_id()
     tokens = torch.tensor([prompt.ids], device=device)
     out: list[int] = []
-    for _ in range(len(tokenizer.processor.encode(f"{prompt.key}.")) + 2):
-        next_id = int(model(tokens)[0, -1].float().argmax())
+    for next_ids in greedy_tokens(model, tokens, len(tokenizer.processor.encode(f"{prompt.key}.")) + 2):
+        next_id = int(next_ids[0])
         if next_id == eos:
             break
         out.append(next_id)
         if settled(tokenizer.decode(out), prompt.key):
             break
-        tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
     return tokenizer.decode(out)
 
 

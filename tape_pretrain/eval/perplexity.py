@@ -13,6 +13,7 @@ from tape_pretrain.config import ConfigError
 from tape_pretrain.data.cache import cache_split
 from tape_pretrain.data.loader import TokenWindows
 from tape_pretrain.data.manifest import load_manifest
+from tape_pretrain.utils.progress import Progress, format_duration
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -61,7 +62,8 @@ def eval_placement(device="auto", dtype="auto") -> tuple[torch.device, torch.dty
 
 @torch.no_grad()
 def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, device, stride: int | None = None,
-               rank: int = 0, world_size: int = 1, attention: str = "causal", within_documents: bool = False) -> dict:
+               rank: int = 0, world_size: int = 1, attention: str = "causal", within_documents: bool = False,
+               progress: bool = False) -> dict:
     """exp(mean next-token loss) over the first windows of the split (about max_tokens scored tokens).
 
     Without a stride the windows do not overlap and every token is scored. With a stride S < length, windows
@@ -74,6 +76,8 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
     from its start). ``within_documents``: only windows inside one document, S apart from each document's start (the
     first window of a document scores all its tokens), so that every scored token has its document's own context of
     up to ``length`` tokens and nothing else.
+
+    ``progress``: a bar over this rank's windows on stderr when it is a terminal, else one line when done.
     """
     length = windows.window_len
     stride = stride or length
@@ -94,6 +98,7 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
     mine = np.arange(rank, count, world_size)
     # on the model's device: no host sync per batch, and NCCL (GPU) can only all-reduce device tensors
     sums = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = Progress(f"eval {length}", total=len(mine), unit="window", enabled=progress, delay_s=0.5, lines=False)
     for begin in range(0, len(mine), batch_size):
         batch_ids = mine[begin:begin + batch_size]
         gathered = windows.gather_spans(starts[batch_ids], with_documents=documents)
@@ -105,22 +110,25 @@ def perplexity(model, windows: TokenWindows, max_tokens: int, batch_size: int, d
         scored = torch.full((len(batch_ids), length), True, device=losses.device)
         scored[torch.from_numpy(~first[batch_ids]), : length - stride] = False
         sums += torch.stack([losses[scored].double().sum(), scored.sum().double()])
+        bar.update(len(batch_ids))
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
     total_loss, total_tokens = float(sums[0]), int(sums[1])
     mean = total_loss / total_tokens
+    bar.close(f"{count:,} windows, {total_tokens:,} tokens, loss {mean:.4f}, perplexity {math.exp(mean):.2f} "
+              f"({format_duration(bar.elapsed())})")
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "windows": count}
 
 
 def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, max_tokens: int, batch_size: int,
                      device="auto", storage_options=None, stride: int | None = None, rank: int = 0,
                      world_size: int = 1, dtype="auto", attention: str | None = None,
-                     within_documents: bool = False) -> dict[int, dict]:
+                     within_documents: bool = False, progress: bool = False) -> dict[int, dict]:
     """``perplexity`` at each length on the val split, the model moved to ``device`` in ``dtype`` (see
     ``eval_placement``; the defaults pick what training would). ``attention`` None follows the model's training
-    (model.attention)."""
+    (model.attention). ``progress``: per length, a bar on a terminal, else one line on stderr."""
     device, dtype = eval_placement(device, dtype)
     model.to(device=device, dtype=dtype)
     attention = attention or model.config.attention
@@ -136,5 +144,5 @@ def evaluate_lengths(model, data_url: str, lengths: list[int], cache_dir: str, m
                           "offsets): prep it again, or evaluate with --attention causal")
     return {n: perplexity(model, w, max_tokens, batch_size, device, stride=min(stride, n) if stride else None,
                           rank=rank, world_size=world_size, attention=attention,
-                          within_documents=within_documents) | placement
+                          within_documents=within_documents, progress=progress) | placement
             for n, w in windows.items()}

@@ -59,7 +59,7 @@ def _evaluate(args) -> dict:
         results = evaluate_lengths(model, args.data, lengths, str(Path(args.out or export) / f".cache{rank}"),
                                    args.max_tokens, args.batch_size, device, stride=args.stride, rank=rank,
                                    world_size=world, dtype=dtype, attention=args.attention,
-                                   within_documents=args.within_documents)
+                                   within_documents=args.within_documents, progress=rank == 0)
     finally:
         if env is not None:
             from tape_pretrain.distributed.env import shutdown

@@ -2,18 +2,22 @@
 
 Legend: B batch, N tokens, d hidden size, H heads, D = d / H head dim, V vocab, L layers.
 Pre-norm RMSNorm, SwiGLU MLP, no biases, untied embeddings. Single-device code: engines in
-tape_pretrain.distributed wrap it.
+tape_pretrain.distributed wrap it. Cached decoding (new_cache, forward(..., cache=), generate_greedy): see
+tape_pretrain.models.cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tape_pretrain.config import ModelConfig
+from tape_pretrain.models.cache import DecodeCache, LayerCache
 from tape_pretrain.models.positional import REGISTRY, DocumentLayout, PositionalLayer
 from tape_pretrain.models.presets import resolve_model_config
 
@@ -45,9 +49,13 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, h, state, positional: PositionalLayer, causal: bool, documents: DocumentLayout | None = None):
+    def forward(self, h, state, positional: PositionalLayer, causal: bool, documents: DocumentLayout | None = None,
+                cache: LayerCache | None = None):
         q, k, v = (self.split_heads(proj(h)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out, state = positional.attend(q, k, v, state, causal, documents=documents)  # [B,H,N,D]
+        if cache is None:
+            out, state = positional.attend(q, k, v, state, causal, documents=documents)  # [B,H,N,D]
+        else:
+            out, state = positional.attend_cached(q, k, v, state, cache)  # [B,H,n,D]: the new tokens only
         b, _, n, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), state
 
@@ -72,8 +80,9 @@ class Block(nn.Module):
         self.mlp = MLP(config.hidden_size, config.ffn_hidden_size)
         self.positional = positional
 
-    def forward(self, x, state, causal: bool = True, documents: DocumentLayout | None = None):
-        a, state = self.self_attn(self.input_layernorm(x), state, self.positional, causal, documents)
+    def forward(self, x, state, causal: bool = True, documents: DocumentLayout | None = None,
+                cache: LayerCache | None = None):
+        a, state = self.self_attn(self.input_layernorm(x), state, self.positional, causal, documents, cache)
         x = x + a
         m = self.mlp(self.post_attention_layernorm(x))
         x = x + m
@@ -131,14 +140,25 @@ class Transformer(nn.Module):
                 param.copy_(self.initial_value(name, param.shape))
 
     def forward(self, input_ids: torch.Tensor, causal: bool = True, position_offset: int = 0,
-                initial_state=None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B,N,V] of input_ids [B,N].
+                initial_state=None, document_ids: torch.Tensor | None = None, cache: DecodeCache | None = None,
+                logits_for: Literal["all", "last"] = "all") -> torch.Tensor:
+        """Logits [B,N,V] of input_ids [B,N]; with ``logits_for="last"`` only the last token's, [B,1,V].
 
         ``document_ids`` [B,N] (integers on the input's device) switches on document mode for rows that pack several
         documents: tokens of one document are contiguous and share an id, and a document starts wherever the id
         differs from the previous token's (and at the row start). Attention is then block-causal (a token sees only
         its own document, up to itself) and every encoding's positions restart at position_offset at each document
-        start, so each document gets the logits it would get alone. Only with causal=True."""
+        start, so each document gets the logits it would get alone. Only with causal=True.
+
+        ``cache`` (from new_cache): cached decoding. input_ids are the tokens that follow the cache.length cached
+        ones (positions position_offset + cache.length ..., position_offset the same in every call); they attend to
+        every cached token and causally to each other, are appended to the cache, and the logits are theirs only.
+        Causal, one sequence per row (no document_ids), no initial_state."""
+        if logits_for not in ("all", "last"):
+            raise ValueError(f"logits_for={logits_for!r}: use 'all' or 'last'")
+        if cache is not None:
+            x = self._decode(input_ids, cache, causal, position_offset, initial_state, document_ids)
+            return self.lm_head(self.norm(x[:, -1:] if logits_for == "last" else x))
         x = self.embed_tokens(input_ids)  # [B,N,d]
         b, n = input_ids.shape
         documents = None
@@ -156,7 +176,64 @@ class Transformer(nn.Module):
                                                   causal=causal, documents=documents)
         for layer in self.layers:
             x, state = layer(x, state, causal, documents)
+        if logits_for == "last":
+            x = x[:, -1:]  # the norm and lm_head are per token: skip the vocabulary projection of the others
         return self.lm_head(self.norm(x))  # [B,N,V]
+
+    def cache_refusal(self) -> str | None:
+        """Why cached decoding would not reproduce this model's uncached forward in its current mode (RandPE's
+        sampled or training positions, TAPE's training-time random offset), or None when it does."""
+        return self.positional.cache_refusal()
+
+    def new_cache(self, max_length: int | None = None) -> DecodeCache:
+        """An empty decoding cache for forward(..., cache=); ``max_length`` tokens preallocated (else it grows by
+        doubling). Raises ValueError when the encoding cannot decode with a cache in this mode (cache_refusal)."""
+        refusal = self.cache_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
+        return DecodeCache(len(self.layers), max_length or 0)
+
+    def _decode(self, input_ids, cache: DecodeCache, causal, position_offset, initial_state, document_ids):
+        """The final hidden states [B,n,d] of the new tokens input_ids [B,n], through every layer's cache."""
+        if document_ids is not None:
+            raise ValueError("document_ids cannot be combined with a cache: cached decoding continues one sequence "
+                             "per row (decode each document in a row of its own)")
+        if not causal or initial_state is not None:
+            raise ValueError("a cache needs causal=True and no initial_state (the cache builds the new tokens' state)")
+        refusal = self.cache_refusal()  # the mode may have changed since new_cache
+        if refusal is not None:
+            raise ValueError(refusal)
+        b, n = input_ids.shape
+        past = cache.start_forward(b, position_offset)
+        x = self.embed_tokens(input_ids)  # [B,n,d]
+        state = self.positional.decode_state(b, past, n, input_ids.device, x.dtype, offset=position_offset)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, state = layer(x, state, causal, cache=layer_cache)
+        cache.advance(n)
+        return x
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int,
+                        use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Greedy continuation of input_ids [B,N]: yields the next token ids [B] (on the input's device, no host
+        synchronisation) up to max_new_tokens times; stop early by leaving the loop.
+
+        With ``use_cache``, the prompt runs once and every step one token, through a cache (ValueError where
+        cache_refusal() says the encoding cannot); without, each step recomputes the whole prefix. Both take the
+        last position's logits only."""
+        if use_cache:
+            cache = self.new_cache(input_ids.shape[1] + max_new_tokens)
+            tokens = input_ids
+            for _ in range(max_new_tokens):
+                next_ids = self(tokens, cache=cache, logits_for="last")[:, -1].argmax(dim=-1)  # [B]
+                yield next_ids
+                tokens = next_ids[:, None]
+        else:
+            tokens = input_ids
+            for _ in range(max_new_tokens):
+                next_ids = self(tokens, logits_for="last")[:, -1].argmax(dim=-1)
+                yield next_ids
+                tokens = torch.cat((tokens, next_ids[:, None]), dim=1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -17,47 +17,35 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from tape_pretrain.config import (
     ConfigError,
-    ModelConfig,
     RunConfig,
+    dotted_leaves,
     from_dict,
     load_config,
     read_yaml_mapping,
     set_dotted,
+    set_leaves,
     to_dict,
     with_later_defaults,
 )
 from tape_pretrain.errors import DataError
 from tape_pretrain.study.report import EVAL_RECORD, RUN_RECORD, write_report
 from tape_pretrain.study.spec import StudySpec, load_study
+from tape_pretrain.utils.progress import format_duration
 
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "export", "config.json", EVAL_RECORD)
 """What a training (or the study's evaluation) leaves in a run directory: its presence means a run was launched."""
 
 HASH_EXCLUDED = ("run_dir",)
 """Resolved-config keys left out of the hash: where a run lives, not what it computes."""
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _nested(dotted: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in dotted.items():
-        set_dotted(out, key, value)
-    return out
 
 
 def dataset_exists(url: str) -> bool:
@@ -83,7 +71,7 @@ def ensure_dataset(spec: StudySpec, root: Path) -> str:
         tokenizer.parent.mkdir(parents=True, exist_ok=True)
         train_tokenizer(spec.data_prep.inputs, spec.data_prep.vocab_size, str(tokenizer))
     prepare(PrepOptions(inputs=spec.data_prep.inputs, tokenizer=str(tokenizer), out=url, workers=2,
-                        val_fraction=spec.data_prep.val_fraction, shard_tokens=5_000_000, progress=False))
+                        val_fraction=spec.data_prep.val_fraction, shard_tokens=5_000_000))
     return url
 
 
@@ -108,25 +96,15 @@ class Budget:
     """Backbone parameters without token embeddings and LM head: the N of the power-law fit."""
 
 
-def _model_config(config: RunConfig, vocab_size: int, encoding: str | None = None) -> ModelConfig:
-    """The model the trainer builds for ``config`` (vocab from the dataset, max_seq_len from trainer.seq_len)."""
-    from tape_pretrain.models.presets import resolve_model_config
-
-    model = dataclasses.replace(config.model)
-    if encoding is not None:
-        model.positional = dataclasses.replace(model.positional, name=encoding)
-    if model.vocab_size is None:
-        model.vocab_size = vocab_size
-    if model.max_seq_len is None:
-        model.max_seq_len = config.trainer.seq_len
-    return resolve_model_config(model)
-
-
-def _meta_model(model: ModelConfig):
+def _meta_model(config: RunConfig, vocab_size: int, encoding: str | None = None):
+    """The model the trainer builds for ``config`` (of another encoding when given), shapes only. A model.vocab_size
+    that differs from the dataset's is kept: that run's training fails with it, the others run."""
     import torch
 
     from tape_pretrain.models import build_model
+    from tape_pretrain.models.presets import resolve_model_config_from
 
+    model = resolve_model_config_from(config, vocab_size=vocab_size, check_vocab=False, positional=encoding)
     with torch.device("meta"):
         return build_model(model, initialise=False)
 
@@ -147,8 +125,8 @@ def run_budget(spec: StudySpec, config: dict, vocab_size: int) -> Budget:
     same training FLOPs as the RoPE run (budget: flops)."""
     resolved = from_dict(RunConfig, config)
     t = resolved.trainer
-    model = _meta_model(_model_config(resolved, vocab_size))
-    rope = _meta_model(_model_config(resolved, vocab_size, "rope"))
+    model = _meta_model(resolved, vocab_size)
+    rope = _meta_model(resolved, vocab_size, "rope")
     backbone = rope.num_parameters()
     if model.num_parameters() - model.num_positional_parameters() != backbone:
         raise AssertionError(f"{resolved.model.positional.name}: parameters minus positional parameters "
@@ -171,18 +149,13 @@ def run_budget(spec: StudySpec, config: dict, vocab_size: int) -> Budget:
 
 def plan_run(spec: StudySpec, run: dict, root: Path, data_url: str, vocab_size: int) -> tuple[dict, Budget]:
     """The run's config (with trainer.max_steps set from its budget) and the budget."""
-    base = read_yaml_mapping(spec.base_config, "study.base_config") if spec.base_config else {}
-    base = _merge(base or {}, _nested({k: v for k, v in spec.base.items() if "." in k}))
-    base = _merge(base, {k: v for k, v in spec.base.items() if "." not in k})
-    config = _merge(base, {
-        "run_dir": str(root / "runs" / run["name"]), "seed": run["seed"],
-        "data": {"path": data_url},
-        "model": _merge(run["size"].model, {"positional": spec.positional(run["encoding"])}),
-        "logging": {"wandb": {"name": f"{spec.name}/{run['name']}"}},
-    })
+    config = read_yaml_mapping(spec.base_config, "study.base_config") if spec.base_config else {}
+    set_leaves(config, spec.base)
+    set_leaves(config, {"run_dir": str(root / "runs" / run["name"]), "seed": run["seed"], "data.path": data_url,
+                        "model": run["size"].model, "model.positional": spec.positional(run["encoding"]),
+                        "logging.wandb.name": f"{spec.name}/{run['name']}"})
     budget = run_budget(spec, config, vocab_size)
-    config["trainer"] = dict(config.get("trainer") or {})
-    config["trainer"]["max_steps"] = budget.steps
+    set_dotted(config, "trainer.max_steps", budget.steps)
     return config, budget
 
 
@@ -213,19 +186,9 @@ def config_hash(config: dict, data_fingerprint: str | None = None) -> tuple[str,
     return _hash(resolved), resolved
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for key, value in node.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out if out or not prefix else {prefix[:-1]: {}}
-
-
 def config_diff(old: dict, new: dict, limit: int = 6) -> str:
     """'key: old -> new, ...' for the dotted keys whose values differ (a key missing on one side reads <absent>)."""
-    a = {k.rstrip("."): v for k, v in _flatten(old).items()}
-    b = {k.rstrip("."): v for k, v in _flatten(new).items()}
+    a, b = dict(dotted_leaves(old)), dict(dotted_leaves(new))
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
     shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
     return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -338,7 +301,8 @@ def evaluate_run(run_dir: Path, data_url: str, spec: StudySpec, seq_len: int) ->
     model = load_export_model(str(run_dir / "export"))
     settings = eval_settings(spec, seq_len)
     results = evaluate_lengths(model, data_url, settings["lengths"], str(run_dir / ".eval_cache"),
-                               spec.eval_max_tokens, 4, device=settings["device"], dtype=settings["dtype"])
+                               spec.eval_max_tokens, 4, device=settings["device"], dtype=settings["dtype"],
+                               progress=True)
     return {str(k): v for k, v in results.items()}
 
 
@@ -455,7 +419,8 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
             "\nNothing was deleted or launched. Move those run directories aside (or delete them yourself), "
             "or give the study another name or out_dir.")
     commands, tasks, failed = [], [], []
-    for run, run_dir, config, budget, digest, resolved in plans:
+    for number, (run, run_dir, config, budget, digest, resolved) in enumerate(plans, 1):
+        where = f"study: run {number}/{len(plans)} {run['name']}"
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -473,21 +438,24 @@ def run_study(path: str, overrides: list[str], dry_run: bool = False) -> Path:
         seq_len = load_config(config_path).trainer.seq_len
         settings = eval_settings(spec, seq_len)
         if trained and eval_current(run_dir, settings):
-            print(f"study: {run['name']} already finished; skipped")
+            print(f"{where}: already finished; skipped", flush=True)
             continue
+        started = time.monotonic()
         if not trained:
-            print(f"study: training {run['name']} ({budget.steps} steps, {budget.tokens:,} tokens, "
-                  f"{budget.flops:.3g} FLOPs)", flush=True)
+            print(f"{where}: training ({budget.steps} steps, {budget.tokens:,} tokens, {budget.flops:.3g} FLOPs)",
+                  flush=True)
             status = _run_logged(command, run_dir / TRAIN_LOG)  # resumes an interrupted run
             if status != 0:
                 log = run_dir / TRAIN_LOG
-                print(f"study: {run['name']} failed (exit status {status}; log: {log}); continuing", flush=True)
+                print(f"{where}: failed (exit status {status}; log: {log}); continuing", flush=True)
                 record = json.loads((run_dir / RUN_RECORD).read_text())
                 _write_json(run_dir / RUN_RECORD, {**record, "failed": {"exit_status": status, "log": str(log)}})
                 failed.append(f"{run['name']} (exit status {status}; log: {log})")
                 continue
+        print(f"{where}: evaluating at {', '.join(map(str, settings['lengths']))} tokens", flush=True)
         results = evaluate_run(run_dir, data_url, spec, seq_len)
         _write_json(run_dir / EVAL_RECORD, {"settings": settings, "results": results})  # marks the run finished
+        print(f"{where}: done in {format_duration(time.monotonic() - started)}", flush=True)
     if emit_only:
         if spec.launcher == "slurm" and not dry_run:
             if not tasks:

@@ -21,6 +21,7 @@ import torch
 from tape_pretrain.distributed.env import DistEnv, all_agree_all, all_gather_objects, barrier
 from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.train.run_dir import RunDirectory
+from tape_pretrain.utils.logs import log
 from tape_pretrain.utils.safe_load import weights_only_loading
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -247,7 +248,6 @@ class CheckpointManager:
             _write_not_group_writable(directory / FILES, json.dumps(merged, indent=1, sort_keys=True))
             _fsync_dir(directory)
             self.run_dir.upload([f"checkpoints/{name}/{FILES}", *extra_uploads])
-            _hook_before_complete()
             _write_not_group_writable(directory / COMPLETE, f"{step}\n")
             _fsync_dir(directory)
             self.run_dir.upload([f"checkpoints/{name}/{COMPLETE}"])
@@ -274,7 +274,7 @@ class CheckpointManager:
                 # never download an interrupted upload (it can be most of a large checkpoint) just to reject it;
                 # every rank takes the same branch (the download below has a barrier)
                 if self.env.is_main:
-                    print(f"warning: skipping checkpoint {step_dir_name(step)}: no {COMPLETE} marker in the store "
+                    log.warning(f"skipping checkpoint {step_dir_name(step)}: no {COMPLETE} marker in the store "
                           "(interrupted save)")
                 continue
             directory = self._localise(step)
@@ -284,7 +284,7 @@ class CheckpointManager:
                 raise
             except CheckpointError as exc:
                 if self.env.is_main:
-                    print(f"warning: skipping checkpoint {directory.name}: {exc}")
+                    log.warning(f"skipping checkpoint {directory.name}: {exc}")
         return None
 
     def _is_complete(self, step: int) -> bool:
@@ -311,7 +311,7 @@ class CheckpointManager:
                 if directory.exists():
                     shutil.rmtree(directory)
             except (OSError, StorageError) as exc:  # retention must never stop training
-                print(f"warning: could not delete old checkpoint {directory}: {exc}")
+                log.warning(f"could not delete old checkpoint {directory}: {exc}")
 
     def load_rng(self, directory: Path) -> None:
         path = directory / "rng" / f"rank_{self.env.rank:05d}.pt"
@@ -333,12 +333,3 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def _hook_before_complete() -> None:
-    """Fault-injection hook for tests: pause between the files and the COMPLETE marker."""
-    delay = float(os.environ.get("TAPE_PRETRAIN_CKPT_SLEEP_BEFORE_COMPLETE", "0"))
-    if delay:
-        import time
-
-        time.sleep(delay)

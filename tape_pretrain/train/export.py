@@ -12,16 +12,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig, from_dict, to_dict
+from tape_pretrain.config import ConfigError, ModelConfig, to_dict
 from tape_pretrain.distributed.engine import engine_class
 from tape_pretrain.distributed.env import DistEnv
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models import Transformer, build_model
 from tape_pretrain.models.convert import to_hf_llama
+from tape_pretrain.models.presets import EXPORT_CONFIG, resolve_model_config_from
 from tape_pretrain.train.checkpoint import COMPLETE, CheckpointManager, verify_checkpoint
 from tape_pretrain.train.run_dir import RunDirectory
+from tape_pretrain.utils.progress import Phases, format_duration
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", EXPORT_CONFIG, "tokenizer.model"
 
 
 def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, out: Path,
@@ -29,9 +31,10 @@ def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, 
     """Write an export directory from a full (unsharded) state dict in our naming."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    meta = {"tape_pretrain": to_dict(dataclasses.replace(model_config, init_from=None))}
+    model_config = dataclasses.replace(model_config, init_from=None)
+    meta = {"tape_pretrain": to_dict(model_config)}
     if model_config.positional.name == "rope":
-        model = build_model(meta_config(meta))
+        model = build_model(model_config)
         model.load_state_dict(state)
         hf_state, hf_config = to_hf_llama(model)
         save_file(hf_state, out / WEIGHTS, metadata={"format": "pt"})
@@ -43,26 +46,14 @@ def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, 
         (out / TOKENIZER).write_bytes(tokenizer_bytes)
 
 
-def meta_config(meta: dict) -> ModelConfig:
-    raw = dict(meta["tape_pretrain"])
-    raw["positional"] = PositionalConfig(**raw["positional"])
-    return from_dict(ModelConfig, raw)
-
-
 def load_export_model(directory: str) -> Transformer:
     """Our model, with weights, from an export directory."""
     path = Path(directory)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{directory}: not an export (needs {CONFIG} and {WEIGHTS})")
     try:
-        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory}/{CONFIG}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or "tape_pretrain" not in meta:
-        raise CheckpointError(f"{directory}/{CONFIG}: not written by tape-pretrain export")
-    try:
-        model = build_model(meta_config(meta))
-    except (TypeError, KeyError, ValueError) as exc:
+        model = build_model(resolve_model_config_from(path))
+    except (TypeError, KeyError, ValueError) as exc:  # sizes that no model has (ConfigError)
         raise CheckpointError(f"{directory}/{CONFIG}: not a valid model config ({exc})") from None
     load_export_weights(model, directory)
     return model.eval()
@@ -103,8 +94,11 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Non
     if "://" in out:
         raise CheckpointError(f"--out {out}: export writes a local directory (copy it to object storage after)")
     _check_export_destination(Path(out), overwrite)
+    phases = Phases("export")
     with tempfile.TemporaryDirectory(prefix="tape_pretrain_export_") as staging:
-        _export(*_find_checkpoint(checkpoint, staging), out)
+        path, state = _find_checkpoint(checkpoint, staging)
+        phases.done(f"verified the checkpoint {path}")
+        _export(path, state, out, phases)
 
 
 EXPORT_FILES = (WEIGHTS, CONFIG, TOKENIZER)
@@ -126,10 +120,8 @@ def _check_export_destination(out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an export there")
 
 
-def _export(path: Path, state: dict, out: str) -> None:
-    raw = dict(state["model"])
-    raw["positional"] = PositionalConfig(**raw["positional"])
-    model_config = from_dict(ModelConfig, raw)
+def _export(path: Path, state: dict, out: str, phases: Phases) -> None:
+    model_config = resolve_model_config_from(state["model"])
     # Built as the run built its model (its seed, or its model.init_from): parameters that a checkpoint lacks
     # (DeepSpeed does not save frozen ones) get the values the run started from, which, frozen, it still had.
     run_config = state.get("config", {})
@@ -155,6 +147,7 @@ def _export(path: Path, state: dict, out: str) -> None:
         if missing - frozen:
             raise CheckpointError(f"{path}: consolidated weights lack {sorted(missing - frozen)[:3]}")
         weights = {**{k: model_state[k] for k in missing}, **weights}
+    phases.done(f"consolidated the {state['engine']} checkpoint of {state['world_size']} rank(s)")
     tokenizer = None
     data = state.get("config", {}).get("data", {})
     data_path = data.get("path") or next((s.get("path") for s in data.get("sources") or []), None)  # a mixture's first
@@ -170,4 +163,6 @@ def _export(path: Path, state: dict, out: str) -> None:
     for name in EXPORT_FILES:  # only now, with the new export in hand: a stale tokenizer.model must not survive
         (Path(out) / name).unlink(missing_ok=True)
     save_export(weights, model_config, Path(out), tokenizer)
-    print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out}")
+    phases.done(f"wrote {out}")
+    print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out} in "
+          f"{format_duration(phases.elapsed())}")

@@ -62,6 +62,18 @@ def _parse(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def tensorboard_writer(directory: Path, purge_step: int | None):
+    """torch's SummaryWriter, or one ConfigError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tape_pretrain.config import ConfigError
+
+        raise ConfigError("logging.tensorboard needs the tensorboard package: pip install tensorboard (or "
+                          "pip install 'tape-pretrain[tensorboard]')") from None
+    return SummaryWriter(log_dir=str(directory), purge_step=purge_step)
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, logging: LoggingConfig, config_dict: dict, resume_step: int | None,
                  run_name: str, wandb_id: str | None):
@@ -78,6 +90,11 @@ class MetricsWriter:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")  # noqa: SIM115  (held for the run, closed in close())
+        self.tensorboard = None
+        if logging.tensorboard:
+            # Events of a run that did not survive past the checkpoint are purged, as metrics.jsonl's lines are.
+            self.tensorboard = tensorboard_writer(run_dir / "tensorboard", resume_step + 1 if resume_step
+                                                  else None)
         self.wandb = None
         self.wandb_id = wandb_id
         if logging.wandb.mode != "disabled":
@@ -100,6 +117,10 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, global_step=record["step"])
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
@@ -109,6 +130,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb is not None:
             with contextlib.suppress(Exception):  # wandb must never fail the run
                 self.wandb.finish()

@@ -3,7 +3,6 @@ the engine decides *how* (sharding, accumulation, the optimizer step)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -11,26 +10,34 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tape_pretrain.config import ConfigError, ModelConfig, RunConfig, to_dict, with_later_defaults
+from tape_pretrain.config import ConfigError, ModelConfig, RunConfig, to_dict
 from tape_pretrain.data.loader import TokenWindows, WindowBatch
-from tape_pretrain.distributed.engine import build_engine
+from tape_pretrain.distributed.engine import Engine, build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
-from tape_pretrain.errors import CheckpointError, DataError, StorageError
+from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.models import build_model
 from tape_pretrain.models.positional.base import allow_cudnn_attention
-from tape_pretrain.models.presets import resolve_model_config
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.initial_weights import model_source
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
+from tape_pretrain.train.profiling import StepProfiler, format_duration, peak_memory_gib
+from tape_pretrain.train.resume import (
+    check_resume_compatible,
+    resolve_run_model_config,
+    resume_identity,
+    run_curriculum,
+)
 from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.train.run_lock import lock_run_directory
 from tape_pretrain.train.schedule import Curriculum, learning_rate
-from tape_pretrain.train.training_data import load_training_data
+from tape_pretrain.train.training_data import TrainingData, load_training_data
+from tape_pretrain.utils.logs import close_progress_bar, log, progress_bar, setup_logging
 from tape_pretrain.utils.redact import redact, redact_text
 
 
@@ -56,118 +63,73 @@ def git_revision() -> str | None:
         return None
 
 
-def resolve_run_model_config(config: RunConfig, vocab_size: int):
-    model = dataclasses.replace(config.model)
-    if model.vocab_size is None:
-        model.vocab_size = vocab_size
-    elif model.vocab_size != vocab_size:
-        raise DataError(f"model.vocab_size={model.vocab_size} but the dataset's tokenizer has {vocab_size} ids "
-                        "(wrong tokenizer or dataset?)")
-    if model.max_seq_len is None:
-        model.max_seq_len = config.trainer.seq_len
-    return resolve_model_config(model)
-
-
-def run_curriculum(config: RunConfig) -> Curriculum:
-    """The run's context-length curriculum (its fingerprint is part of the resume identity)."""
-    t = config.trainer
-    return Curriculum(config.curriculum, t.seq_len, t.max_steps * t.global_batch_tokens)
-
-
-IMPLEMENTATION_ONLY_POSITIONAL_KEYS = ("tape_attention", "randrope_eval", "randrope_eval_seed")
-"""model.positional keys that leave the training computation unchanged (how TAPE's attention is computed; which
-positions RandPE evaluates at): a run may resume with another value."""
-
-
 DUPLICATE_SIGNAL_WINDOW_S = 2.0
 """A stop signal this soon after the first is the same stop delivered twice, not a request to exit at once: on
 preemption SLURM sends TERM to every process of the job while torchrun relays its own TERM to the workers."""
 
 
-def _with_defaults_of_later_keys(saved_model: dict) -> dict:
-    """A checkpoint's model identity with the keys added to ModelConfig / PositionalConfig since it was written set
-    to their defaults (a new key's default keeps the old model), compared as resume_identity makes it."""
-    model = with_later_defaults(saved_model, to_dict(ModelConfig(preset=None)))
-    for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
-        model["positional"].pop(key, None)
-    return model
+def batch_layout(config: RunConfig, world_size: int) -> tuple[int, int]:
+    """(windows per global batch, micro-batches per rank and step), or one ConfigError naming what does not
+    divide."""
+    t = config.trainer
+    global_windows = t.global_batch_tokens // t.seq_len
+    if global_windows % world_size:
+        raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} is {global_windows} "
+                          f"sequences, not divisible by the world size {world_size}")
+    per_rank = global_windows // world_size
+    if per_rank % t.micro_batch_size:
+        raise ConfigError(f"{per_rank} sequences per rank per step is not a multiple of "
+                          f"trainer.micro_batch_size={t.micro_batch_size}")
+    return global_windows, per_rank // t.micro_batch_size
 
 
-def resume_identity(config: RunConfig, vocab_size: int) -> dict:
-    """What `Trainer.trainer_state` records of a run that a resumed run must match: the model, the global batch
-    and window length, the curriculum and the engine (compared by check_resume_compatible)."""
-    model = to_dict(dataclasses.replace(resolve_run_model_config(config, vocab_size), init_from=None))
-    for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
-        model["positional"].pop(key, None)
-    return {
-        "model": model,
-        "global_batch_tokens": config.trainer.global_batch_tokens,
-        "seq_len": config.trainer.seq_len,
-        "curriculum": run_curriculum(config).fingerprint(),
-        "engine": config.parallel.engine,
-    }
+@dataclass
+class TrainerParts:
+    """What a run trains with; each part is built, and can be tested, on its own."""
+
+    run_directory: RunDirectory
+    data: TrainingData
+    model_config: ModelConfig
+    curriculum: Curriculum
+    engine: Engine
+    checkpoints: CheckpointManager
+    grad_accum: int
+    flops_model: torch.nn.Module
+    """The model on the meta device, for FLOP counts (MFU)."""
 
 
-def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> None:
-    """Refuse to resume from a checkpoint whose trainer state `saved` differs from this run's resume identity
-    `current` (see resume_identity), except in the checks named in `allowed` (checkpoint.allow_changes).
-    The engine is never waived: its checkpoint format differs."""
-    saved_model = _with_defaults_of_later_keys(saved["model"])
-    if "model" not in allowed and saved_model != current["model"]:
-        diff = sorted(k for k in current["model"] if current["model"][k] != saved_model.get(k) and k != "positional")
-        diff += sorted(f"positional.{k}" for k, v in current["model"]["positional"].items()
-                       if v != saved_model["positional"].get(k))
-        # keys only the checkpoint has (written by a newer version, or renamed since)
-        diff += sorted(k for k in saved_model if k not in current["model"])
-        diff += sorted(f"positional.{k}" for k in saved_model["positional"] if k not in current["model"]["positional"])
-        raise CheckpointError(f"the checkpoint's model differs in {', '.join(diff)} "
-                              "(add 'model' to checkpoint.allow_changes if intended)")
-    if "batch" not in allowed and (saved["global_batch_tokens"], saved["seq_len"]) != (
-            current["global_batch_tokens"], current["seq_len"]):
-        raise CheckpointError(
-            f"the checkpoint used global_batch_tokens={saved['global_batch_tokens']} seq_len={saved['seq_len']}; "
-            "this run differs (add 'batch' to checkpoint.allow_changes if intended)")
-    if "curriculum" not in allowed and saved["curriculum"] != current["curriculum"]:
-        raise CheckpointError("the checkpoint's curriculum differs from this run's "
-                              "(add 'curriculum' to checkpoint.allow_changes if intended)")
-    if saved["engine"] != current["engine"]:
-        raise CheckpointError(f"the checkpoint was written by {saved['engine']}, this run uses "
-                              f"{current['engine']}: export it and start with model.init_from")
+def build_parts(config: RunConfig, env: DistEnv) -> TrainerParts:
+    run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
+    global_windows, grad_accum = batch_layout(config, env.world_size)
+    data = load_training_data(config, env, global_windows)
+    model_config = resolve_run_model_config(config, int(data.manifest.tokenizer["vocab_size"]))
+    with torch.device("meta"):  # built before seeding: construction draws a number
+        flops_model = build_model(model_config, initialise=False)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
+    engine = build_engine(model_source(model_config), config, env, grad_accum)
+    torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
+    checkpoints = CheckpointManager(run_directory, env, config.checkpoint.keep_last, config.checkpoint.keep_every,
+                                    config.checkpoint.allow_group_writable)
+    return TrainerParts(run_directory, data, model_config, run_curriculum(config), engine, checkpoints, grad_accum,
+                        flops_model)
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, env: DistEnv):
-        self.config, self.env = config, env
-        t = config.trainer
-        self.run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
-        self.run_dir = self.run_directory.local  # a remote run directory is staged here and uploaded at checkpoints
-        self.global_windows = t.global_batch_tokens // t.seq_len
-        if self.global_windows % env.world_size:
-            raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} is {self.global_windows} "
-                              f"sequences, not divisible by the world size {env.world_size}")
-        per_rank = self.global_windows // env.world_size
-        if per_rank % t.micro_batch_size:
-            raise ConfigError(f"{per_rank} sequences per rank per step is not a multiple of "
-                              f"trainer.micro_batch_size={t.micro_batch_size}")
-        self.grad_accum = per_rank // t.micro_batch_size
+    """The loop over parts: resumes from the newest valid checkpoint, then trains, logs, evaluates and saves."""
 
-        self.data = load_training_data(config, env, self.global_windows)
+    def __init__(self, config: RunConfig, env: DistEnv, parts: TrainerParts):
+        self.config, self.env = config, env
+        self.run_directory = parts.run_directory
+        self.run_dir = self.run_directory.local  # a remote run directory is staged here and uploaded at checkpoints
+        self.data, self.model_config, self.curriculum = parts.data, parts.model_config, parts.curriculum
         self.manifest, self.fingerprint = self.data.manifest, self.data.fingerprint
         self.loader, self.skipped_shards = self.data.loader, self.data.skipped_shards
         self.document_mode = config.model.attention == "document"
-        self.model_config = resolve_run_model_config(config, int(self.manifest.tokenizer["vocab_size"]))
-        self.curriculum = run_curriculum(config)
-
-        with torch.device("meta"):  # for FLOP counts (MFU); built before seeding: construction draws a number
-            self.shape_model = build_model(self.model_config, initialise=False)
-        torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
-        self.engine = build_engine(model_source(self.model_config), config, env, self.grad_accum)
-        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
-
-        self.checkpoints = CheckpointManager(self.run_directory, env, config.checkpoint.keep_last,
-                                             config.checkpoint.keep_every, config.checkpoint.allow_group_writable)
+        self.engine, self.checkpoints, self.grad_accum = parts.engine, parts.checkpoints, parts.grad_accum
+        self.flops_model = parts.flops_model
         self.step = 0
         wandb_id = self._resume()
+        self.log_file = setup_logging(env.rank, self.run_dir, config.logging.all_ranks)  # after an old run moved aside
         self.metrics = None
         if env.is_main:
             remote = self.run_directory
@@ -177,9 +139,8 @@ class Trainer:
                                          self.step if self.step else None, self.run_dir.name, wandb_id)
             (self.run_dir / "config.json").write_text(json.dumps(redact(to_dict(config)), indent=1))
         self.stop_requested = False
+        self._watchdogs: list[threading.Timer] = []  # cancelled once the run has saved and returns
         self._install_signal_handlers()
-        # Fault-injection hook for tests: slow each step so that a signal or kill lands mid-run.
-        self._test_step_sleep = float(os.environ.get("TAPE_PRETRAIN_TEST_STEP_SLEEP", "0"))
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -229,8 +190,8 @@ class Trainer:
         self.checkpoints.load_rng(directory)
         self.step = int(state["step"])
         if self.env.is_main:
-            print(f"resumed from {directory} (step {self.step}, saved by {state['world_size']} rank(s) "
-                  f"with {state['engine']})")
+            log.info(f"resumed from {directory} (step {self.step}, saved by {state['world_size']} rank(s) "
+                     f"with {state['engine']})")
         return state.get("wandb_id")
 
     def _move_previous_run_aside(self) -> None:
@@ -238,9 +199,10 @@ class Trainer:
         checkpoints, metrics, config and export move to RUN_DIR/replaced_<time>/ (delete it when done with it)."""
         if self.env.is_main:
             aside = f"replaced_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"  # two start-overs in one second
-            moved = self.run_directory.move_aside(("checkpoints", "metrics.jsonl", "config.json", "export"), aside)
-            print(f"checkpoint.overwrite: moved the previous run's {', '.join(moved)} to "
-                  f"{redact_text(self.config.run_dir)}/{aside}", flush=True)
+            moved = self.run_directory.move_aside(("checkpoints", "metrics.jsonl", "config.json", "export", "logs",
+                                                   "summary.json", "tensorboard", "profile"), aside)
+            log.info(f"checkpoint.overwrite: moved the previous run's {', '.join(moved)} to "
+                     f"{redact_text(self.config.run_dir)}/{aside}")
         barrier(self.env)
 
     def resume_identity(self) -> dict:
@@ -264,22 +226,12 @@ class Trainer:
             watchdog = threading.Timer(self.config.parallel.timeout_s, os._exit, args=(128 + signum,))
             watchdog.daemon = True
             watchdog.start()
+            self._watchdogs.append(watchdog)
             if self.env.is_main:
-                print(f"received {signal.Signals(signum).name}: finishing the step, saving, exiting", flush=True)
+                log.warning(f"received {signal.Signals(signum).name}: finishing the step, saving, exiting")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
-
-    def _test_hang(self) -> None:
-        """Fault-injection hook for tests: TAPE_PRETRAIN_TEST_HANG=rank:step stalls that rank once (a marker
-        file TAPE_PRETRAIN_TEST_HANG_MARKER records that the stall happened)."""
-        spec, marker = os.environ.get("TAPE_PRETRAIN_TEST_HANG"), os.environ.get("TAPE_PRETRAIN_TEST_HANG_MARKER")
-        if not spec or not marker or os.path.exists(marker):
-            return
-        rank, step = (int(x) for x in spec.split(":"))
-        if self.env.rank == rank and self.step == step:
-            Path(marker).write_text("stalled")
-            time.sleep(10**6)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -302,13 +254,11 @@ class Trainer:
 
     def run(self) -> dict:
         t, env = self.config.trainer, self.env
-        progress = None
-        if env.is_main and t.progress_bar:
-            from tqdm import tqdm
-
-            progress = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", mininterval=2.0,
-                            delay=1.0)
-        last = {}
+        progress = progress_bar(env.is_main and t.progress_bar, total=t.max_steps, initial=self.step, desc="train",
+                                unit="step", mininterval=2.0, delay=1.0)
+        self._run_started, self._first_step = time.perf_counter(), self.step
+        profiler = StepProfiler(t.profile_steps, self.run_dir, env) if t.profile_steps else None
+        last, preempted = {}, False
         window_start = time.perf_counter()
         window_tokens, paused, window_crossing = 0, 0.0, 0
         while self.step < t.max_steps:
@@ -316,6 +266,8 @@ class Trainer:
             seq_len = self.curriculum.seq_len(tokens_before)
             first_window = self.loader.windows_consumed
             batch = self.loader.next_batch()
+            if profiler is not None:
+                profiler.before_step(self.step + 1)
             losses = []
             for i, (inputs, labels, document_ids, crossing) in enumerate(self.micro_batches(batch, seq_len)):
                 losses.append(self.engine.train_micro_step(inputs, labels, is_boundary=i == self.grad_accum - 1,
@@ -325,9 +277,8 @@ class Trainer:
             lr = learning_rate(self.step, t.max_steps, self.config.optim.lr, self.config.schedule)
             grad_norm = self.engine.optimizer_step(lr)
             self.step += 1
-            if self._test_step_sleep:
-                time.sleep(self._test_step_sleep)
-            self._test_hang()
+            if profiler is not None:
+                profiler.after_step(self.step)
             window_tokens += t.global_batch_tokens
             if progress is not None:
                 progress.update(1)
@@ -354,22 +305,28 @@ class Trainer:
                 if val_losses and env.is_main:  # every rank evaluated every length (all-reducing); rank 0 logs
                     self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens, **val_losses})
                     last.update(val_losses)
+                    log.info(f"eval step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in val_losses.items()))
             if checkpoint:
-                self.checkpoints.save(self.step, self.engine, self.trainer_state(),
-                                      extra_uploads=["metrics.jsonl", "config.json"], blocking=final)
+                uploads = ["metrics.jsonl", "config.json"] + ([f"logs/{self.log_file.name}"] if self.log_file else [])
+                self.checkpoints.save(self.step, self.engine, self.trainer_state(), extra_uploads=uploads,
+                                      blocking=final)
             else:
                 self.checkpoints.maybe_commit()
             if evaluate or checkpoint:
                 paused += time.perf_counter() - pause_start
             if stop:
                 break
-        if progress is not None:
-            progress.close()
-        if self.step == t.max_steps:
+        close_progress_bar(progress)
+        if profiler is not None:
+            profiler.close()
+        if self.step == t.max_steps and not preempted:  # else the resumed run exports (it finds no step to take)
             self.write_export()
         self.loader.close()
         if self.metrics is not None:
             self.metrics.close()
+            self.write_summary(preempted)
+        for watchdog in self._watchdogs:
+            watchdog.cancel()
         return last
 
     def _synchronize(self) -> None:
@@ -403,14 +360,46 @@ class Trainer:
                        for s, n in zip(self.data.sources, self.loader.source_counts())}
         peak = self.config.trainer.peak_flops or gpu_peak_flops()
         if peak:
-            flops = 3 * self.shape_model.forward_flops_per_token(seq_len) * tokens_per_s
+            flops = 3 * self.flops_model.forward_flops_per_token(seq_len) * tokens_per_s
             record["mfu"] = flops / (peak * self.env.world_size)
+        record["peak_memory_gib"] = peak_memory_gib(self.env.device)
         if self.env.is_main:
             self.metrics.log(record)
-            if not t.progress_bar or self.step % (t.log_interval * 10) == 0 or self.step == t.max_steps:
-                print(f"step {self.step}/{t.max_steps} loss {loss_value:.4f} lr {lr:.2e} seq_len {seq_len} "
-                      f"grad_norm {grad_value:.3f} tok/s {tokens_per_s:,.0f}", flush=True)
+            remaining = (t.max_steps - self.step) * record["step_time_s"]
+            mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            log.info(f"step {self.step}/{t.max_steps} loss {loss_value:.4f} lr {lr:.2e} seq_len {seq_len} "
+                     f"grad_norm {grad_value:.3f} tok/s {tokens_per_s:,.0f}{mfu} "
+                     f"mem {record['peak_memory_gib']:.2f}GiB eta {format_duration(remaining)}")
         return record
+
+    def write_summary(self, preempted: bool) -> dict:
+        """RUN_DIR/summary.json and its lines in the log (rank 0): how far the run got and its results, read back
+        from metrics.jsonl so that both agree, over every segment of a resumed run."""
+        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        training = [r for r in records if "loss" in r]
+        evaluations = [r for r in records if "val_loss" in r]
+        best = min(evaluations, key=lambda r: r["val_loss"], default=None)
+        export = self.run_dir / "export"
+        summary = {
+            "run_dir": redact_text(self.config.run_dir), "steps": self.step, "max_steps": self.config.trainer.max_steps,
+            "tokens": self.step * self.config.trainer.global_batch_tokens,
+            "finished": self.step == self.config.trainer.max_steps and not preempted, "stopped_by_signal": preempted,
+            "wall_time_s": time.perf_counter() - self._run_started, "steps_this_process": self.step - self._first_step,
+            "final_loss": training[-1]["loss"] if training else None,
+            "final_val_loss": evaluations[-1]["val_loss"] if evaluations else None,
+            "best_val_loss": best["val_loss"] if best else None, "best_val_step": best["step"] if best else None,
+            "export": str(export) if (export / "config.json").exists() else None,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self.run_directory.upload(["summary.json"] + ([f"logs/{self.log_file.name}"] if self.log_file else []))
+        state = "finished" if summary["finished"] else "stopped" + (" by a signal" if preempted else "")
+        val = "" if best is None else (f", final val_loss {summary['final_val_loss']:.4f}, best "
+                                       f"{summary['best_val_loss']:.4f} at step {summary['best_val_step']}")
+        loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
+        log.info(f"summary: {state} at step {self.step}/{summary['max_steps']} ({summary['tokens']:,} tokens) in "
+                 f"{format_duration(summary['wall_time_s'])}{loss}{val}; export "
+                 f"{summary['export'] or 'none'}; written to {redact_text(self.config.run_dir)}/summary.json")
+        return summary
 
     def write_export(self) -> None:
         """RUN_DIR/export: consolidated weights, config and tokenizer, loadable without an engine."""
@@ -481,15 +470,20 @@ class Trainer:
         return float(sums[0] / sums[1])
 
 
+def build_trainer(config: RunConfig, env: DistEnv) -> Trainer:
+    return Trainer(config, env, build_parts(config, env))
+
+
 def train(config: RunConfig) -> dict:
     configure_kernels(config)
     env = init_distributed(config.parallel.timeout_s)
+    setup_logging(env.rank, None, config.logging.all_ranks)
     try:
         from tape_pretrain.distributed.preflight import preflight
 
         report, problems = preflight(config, env)
         if report:
-            print(report, flush=True)
+            log.info(report)
         if problems:  # every rank stops here, before step 0, with the first problem named
             raise StorageError(f"preflight: {problems[0]}")
         # Before the trainer writes anything: a second run in the same run_dir would mix its config, metrics and
@@ -497,8 +491,7 @@ def train(config: RunConfig) -> dict:
         lock = lock_run_directory(RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir), env,
                                   config.checkpoint.lease_ttl_s)
         try:
-            trainer = Trainer(config, env)
-            return trainer.run()
+            return build_trainer(config, env).run()
         finally:
             if lock is not None:
                 lock.release()

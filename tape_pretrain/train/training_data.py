@@ -1,17 +1,25 @@
 """The data a training run reads: one dataset (data.path) or a weighted mixture (data.sources), cached and verified,
-the train loader over it and the validation windows of every source at every evaluated length."""
+the train loader over it and the validation windows of every source at every evaluated length.
+
+data.access=copy: each node's first rank fetches and verifies every split, reporting progress, within
+data.fetch_timeout_s, and the node's other ranks wait for its marker file (NodeHandshake), not in a collective.
+data.access=stream: the train splits are read through a bounded StreamCache that a StreamPrefetcher fills ahead of
+the loader; the val splits are copied as above."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from tape_pretrain.config import ConfigError, RunConfig, source_name
-from tape_pretrain.data.cache import CachedSplit, cache_split
+from tape_pretrain.config import ConfigError, DataConfig, RunConfig, source_name
+from tape_pretrain.data.cache import CachedSplit, FetchProgress, NodeHandshake, cache_split
 from tape_pretrain.data.loader import GlobalBatchLoader, TokenWindows, WindowSource
 from tape_pretrain.data.manifest import Manifest, load_manifest
-from tape_pretrain.distributed.env import DistEnv, barrier
+from tape_pretrain.data.stream import StreamCache, StreamedSplit, StreamPrefetcher, open_stream_cache
+from tape_pretrain.distributed.env import DistEnv, all_gather_objects
 from tape_pretrain.errors import DataError
 from tape_pretrain.utils.redact import redact_text
 
@@ -37,6 +45,19 @@ class TrainingData:
     skipped_shards: list[str]
     has_documents: bool
     """Every source records document starts (batches then carry document ids)."""
+    stream: StreamCache | None = None
+    """data.access=stream: the cache the train splits are read through."""
+    prefetcher: StreamPrefetcher | None = None
+    """data.access=stream: fetches the shards of the loader's next batches in the background."""
+
+    def close(self) -> None:
+        """Stop the loader's and the stream cache's threads and delete the stream cache (it is also deleted when the
+        process exits)."""
+        self.loader.close()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.stream is not None:
+            self.stream.close()
 
     @property
     def manifest(self) -> Manifest:
@@ -64,8 +85,31 @@ def mixture_fingerprint(sources: list[tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
 
 
+LEADER_GRACE_S = 60.0
+"""How much longer than data.fetch_timeout_s a node's ranks wait for its first rank, which stops at that deadline
+and reports why: its error, not theirs, should be the first to appear."""
+
+
+def check_data_config(data: DataConfig) -> None:
+    """The checks of data.access's settings (one clear ConfigError each)."""
+    if not data.fetch_timeout_s > 0:
+        raise ConfigError(f"data.fetch_timeout_s must be positive, got {data.fetch_timeout_s}")
+    if not data.stream_cache_gib > 0:
+        raise ConfigError(f"data.stream_cache_gib must be positive, got {data.stream_cache_gib}")
+    if data.stream_lookahead_batches < 0:
+        raise ConfigError(f"data.stream_lookahead_batches must be >= 0, got {data.stream_lookahead_batches}")
+
+
+def launch_id(env: DistEnv) -> str:
+    """An id that every rank of this launch shares and no other launch (or restart) has: global rank 0's random id,
+    gathered once before any fetch, while every rank is here (it keys the node's marker files)."""
+    mine = uuid.uuid4().hex
+    return mine if env.world_size == 1 else all_gather_objects(mine if env.rank == 0 else None, env)[0]
+
+
 def load_training_data(config: RunConfig, env: DistEnv, global_windows: int) -> TrainingData:
-    t = config.trainer
+    t, c = config.trainer, config.data
+    check_data_config(c)
     sources, cached = [], []
     for name, url, weight in configured_sources(config):
         manifest, fingerprint = load_manifest(url, config.data.storage_options)
@@ -75,8 +119,17 @@ def load_training_data(config: RunConfig, env: DistEnv, global_windows: int) -> 
                             f"with {sources[0].manifest.tokenizer['sha256'][:16]}: a mixture needs one tokenizer "
                             "(prep every source with the same --tokenizer)")
         sources.append(SourceData(name, url, weight, manifest, fingerprint))
+    launch = launch_id(env)
+    stream = None
+    if c.access == "stream":
+        # the node's disk allowance, shared evenly by its ranks (each streams its own windows)
+        stream = open_stream_cache(c.cache_dir, int(c.stream_cache_gib * 2**30 / env.local_world_size))
     for source in sources:
-        cached.append((_cache(config, env, source, "train"), _cache(config, env, source, "val")))
+        train = (stream.add_split(source.url, source.manifest, source.fingerprint, "train", c.storage_options)
+                 if stream is not None else _cache(config, env, source, "train", launch))
+        cached.append((train, _cache(config, env, source, "val", launch)))
+    if stream is not None and env.is_main:
+        _stream_warnings(config, stream, [train for train, _ in cached])
 
     windows, skipped = [], []
     for source, (train, val) in zip(sources, cached):
@@ -98,20 +151,41 @@ def load_training_data(config: RunConfig, env: DistEnv, global_windows: int) -> 
     # the tokens whose context crosses a document boundary.
     loader = GlobalBatchLoader(windows, fingerprint, config.seed, global_windows, env.rank, env.world_size,
                                prefetch=config.data.prefetch_batches, documents=has_documents)
-    return TrainingData(sources, fingerprint, loader, skipped, has_documents)
+    # the loader's own thread reads up to prefetch_batches + 1 batches ahead: look beyond that
+    prefetcher = None if stream is None else StreamPrefetcher(
+        loader, c.prefetch_batches + 1 + c.stream_lookahead_batches)
+    return TrainingData(sources, fingerprint, loader, skipped, has_documents, stream, prefetcher)
 
 
-def _cache(config: RunConfig, env: DistEnv, source: SourceData, split: str) -> CachedSplit:
-    """A node's first rank downloads and verifies; the others then find the verified copies."""
+def _cache(config: RunConfig, env: DistEnv, source: SourceData, split: str, launch: str) -> CachedSplit:
+    """A node's first rank fetches and verifies (with progress, within data.fetch_timeout_s); the others wait for
+    its marker file and re-use its verified copies, or stop with its error."""
     c = config.data
 
     def fetch():
+        progress = FetchProgress(f"{redact_text(source.url)} ({split})", env.rank)
         return cache_split(source.url, source.manifest, source.fingerprint, split, c.cache_dir, c.storage_options,
-                           c.on_corrupt_shard)
+                           c.on_corrupt_shard, progress=progress, timeout_s=c.fetch_timeout_s)
 
-    result = fetch() if env.local_rank == 0 else None
-    barrier(env)
-    return fetch() if env.local_rank != 0 else result
+    if env.local_world_size == 1:
+        return fetch()
+    handshake = NodeHandshake(Path(c.cache_dir).expanduser() / source.fingerprint[:16], source.url,
+                              source.fingerprint, split, launch)
+    if env.local_rank == 0:
+        return handshake.lead(fetch)
+    return handshake.wait(c.fetch_timeout_s + LEADER_GRACE_S)
+
+
+def _stream_warnings(config: RunConfig, stream: StreamCache, splits: list[StreamedSplit]) -> None:
+    c = config.data
+    if c.on_corrupt_shard == "skip":
+        print("warning: data.on_corrupt_shard=skip is ignored for the train split with data.access=stream (a bad "
+              "shard stops the run when first read); it still applies to the val split", flush=True)
+    total = sum(s.num_bytes for s in splits)
+    if total > stream.limit_bytes:
+        print(f"warning: the train split ({total / 2**30:.3g} GiB) is larger than each rank's stream cache "
+              f"({stream.limit_bytes / 2**30:.3g} GiB of data.stream_cache_gib={c.stream_cache_gib:g} per node): "
+              "windows are drawn from the whole split, so shards will be evicted and fetched again", flush=True)
 
 
 def _val_windows(config: RunConfig, env: DistEnv, source: SourceData, split: CachedSplit) -> dict[int, TokenWindows]:

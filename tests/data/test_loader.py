@@ -83,7 +83,7 @@ def test_state_from_other_data_is_refused(windows):
 
 def test_wrong_vocab_is_a_clear_error(dataset_path):
     from tape_pretrain.config import load_config
-    from tape_pretrain.train.trainer import resolve_run_model_config
+    from tape_pretrain.train.resume import resolve_run_model_config
 
     config = load_config(None, ["model.vocab_size=32000"])
     with pytest.raises(DataError, match="model.vocab_size=32000 but the dataset's tokenizer has 512"):

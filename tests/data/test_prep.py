@@ -120,11 +120,11 @@ def test_input_inside_out_and_out_as_a_file_are_refused(tmp_path, corpus_dir, to
 def test_killed_prep_resumes_to_the_same_dataset(tmp_path, corpus_dir, tokenizer_path, cli_env):
     inputs = [str(corpus_dir / "*.jsonl"), str(corpus_dir / "*.txt")]
     prep(inputs, tokenizer_path, tmp_path / "reference", shard_tokens=20_000, chunk_docs=4)
-    cmd = [sys.executable, "-m", "tape_pretrain.cli", "prep", "--input", *inputs, "--tokenizer", tokenizer_path,
-           "--out", str(tmp_path / "ds"), "--shard-tokens", "20000", "--val-fraction", "0.1", "--quiet",
-           "--chunk-docs", "4"]
-    env = dict(cli_env, TAPE_PRETRAIN_PREP_SLEEP_PER_SHARD="0.5")  # slow writes so the kill lands mid-run
-    proc = subprocess.Popen(cmd, env=env)
+    args = ["prep", "--input", *inputs, "--tokenizer", tokenizer_path, "--out", str(tmp_path / "ds"),
+            "--shard-tokens", "20000", "--val-fraction", "0.1", "--quiet", "--chunk-docs", "4"]
+    cmd = [sys.executable, "-m", "tape_pretrain.cli", *args]
+    # slow writes (0.5 s after each shard) so the kill lands mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "tests.slow_prep", "0.5", *args], env=cli_env)
     journal = tmp_path / "ds" / "_prep"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(journal.glob("train_*.json"))) < 2:

@@ -12,7 +12,7 @@ from tape_pretrain.distributed.engine import build_engine
 from tape_pretrain.distributed.env import init_distributed, shutdown
 from tape_pretrain.models import build_model
 from tape_pretrain.train.initial_weights import model_source
-from tape_pretrain.train.trainer import resolve_run_model_config
+from tape_pretrain.train.resume import resolve_run_model_config
 
 CASES = [("fsdp2", 0, "fp32", "tape"), ("fsdp2", 0, "fp32", "fire"), ("deepspeed", 3, "fp32", "tape"),
          ("deepspeed", 3, "bf16", "fire"), ("fsdp2", 0, "fp32", "init_from")]

@@ -362,6 +362,7 @@ def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, cap
     args = ["--data", dataset_path, "--lengths", "32", "--max-tokens", "64", "--out", str(tmp_path / "out")]
     save_export(model.state_dict(), model.config, tmp_path / "same", own)
     assert main(["eval", str(tmp_path / "same"), *args]) == 0
+    capsys.readouterr()  # its progress line (one per length) on stderr
     save_export(model.state_dict(), model.config, tmp_path / "other", own + b"\0")  # another tokenizer's bytes
     assert main(["eval", str(tmp_path / "other"), *args]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,7 @@ import torch
 from tape_pretrain.config import ModelConfig, PositionalConfig, RunConfig
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models import build_model
-from tape_pretrain.train.trainer import IMPLEMENTATION_ONLY_POSITIONAL_KEYS, check_resume_compatible, resume_identity
+from tape_pretrain.train.resume import IMPLEMENTATION_ONLY_POSITIONAL_KEYS, check_resume_compatible, resume_identity
 from tests.models.test_tape_properties import TOL, initial_state, tiny_config
 
 VARIANTS = {  # (tape_attention_update, tape_mlp_update)

@@ -28,6 +28,9 @@ def test_resume_on_another_world_size(tmp_path, dataset_path, engine, before, af
     run(train_command(before, cfg, "trainer.stop_at_step=4"))
     out = run(train_command(after, cfg))
     assert f"saved by {before} rank(s)" in out.stdout
+    if engine != "fsdp2":  # DeepSpeed converts the checkpoint to its universal format first, a line per phase
+        phases = [line for line in out.stderr.splitlines() if line.startswith("universal checkpoint: ")]
+        assert "Extracting ZeRO fragments (" in phases[0] and phases[-1].startswith("universal checkpoint: converted")
     # the conversion neither altered the checkpoint it read (it must keep verifying) nor left files behind
     verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")
     assert not list((tmp_path / "run").glob(".universal/*"))

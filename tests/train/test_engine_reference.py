@@ -24,8 +24,8 @@ from tape_pretrain.data.manifest import load_manifest
 from tape_pretrain.distributed.engine import param_groups
 from tape_pretrain.models import build_model
 from tape_pretrain.train.export import export_checkpoint
+from tape_pretrain.train.resume import resolve_run_model_config
 from tape_pretrain.train.schedule import learning_rate
-from tape_pretrain.train.trainer import resolve_run_model_config
 from tests.helpers import metrics, run, train_command, write_config
 
 STEPS = 5

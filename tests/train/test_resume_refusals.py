@@ -18,7 +18,7 @@ from tape_pretrain.config import ConfigError, load_config
 from tape_pretrain.data.manifest import load_manifest
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.train.checkpoint import TRAINER_STATE, step_dir_name
-from tape_pretrain.train.trainer import check_resume_compatible, resume_identity
+from tape_pretrain.train.resume import check_resume_compatible, resume_identity
 from tests.helpers import metrics, run, train_command, write_config
 
 STEPS = 2  # the checkpoint's step

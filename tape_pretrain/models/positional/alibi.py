@@ -49,9 +49,20 @@ class ALiBiLayer(PositionalLayer):
     """Attention with the bias built per block of queries (models.positional.blocked_bias): memory linear in N."""
 
     def attend(self, q, k, v, positions, causal, documents=None):
-        # Slopes rebuilt here, not a buffer: model.to(bf16) would round them. Positions are consecutive, so every
-        # distance is below N.
-        table = alibi_distance_table(alibi_slopes(q.shape[1]).to(q.device), positions.shape[0], q.dtype)
+        # Slopes rebuilt here, not a buffer: model.to(bf16) would round them.
+        slopes = alibi_slopes(q.shape[1]).to(q.device)
+        return self.attend_with_bias(q, k, v, positions, causal, documents, slopes), positions
+
+    def attend_cached(self, q, k, v, positions, cache):
+        # positions: of every token, the cached ones first (ALiBi.decode_state); slopes copied to the device once
+        keys, values = cache.extend(k, v)
+        slopes = cache.constant("alibi_slopes", lambda: alibi_slopes(q.shape[1]).to(q.device))
+        return self.attend_with_bias(q, keys, values, positions, True, None, slopes, past=cache.past), positions
+
+    def attend_with_bias(self, q, k, v, positions, causal, documents, slopes, past: int = 0):
+        """Attention of the queries at positions[past:] over the keys at positions (see attention_in_query_blocks)."""
+        # Positions are consecutive, so every distance is below their number.
+        table = alibi_distance_table(slopes, positions.shape[0], q.dtype)
 
         def block_bias(start, stop, num_keys):
             return alibi_bias(table, positions[start:stop], positions[:num_keys], causal)
@@ -63,7 +74,7 @@ class ALiBiLayer(PositionalLayer):
         document_rows = 0 if documents is None else q.shape[0]
         bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), document_rows)
         return attention_in_query_blocks(q, k, v, causal, block_bias if documents is None else document_block_bias,
-                                         bytes_per_pair), positions
+                                         bytes_per_pair, past=past)
 
     @staticmethod
     def bias_bytes_per_pair(num_heads: int, dtype_bytes: int, document_rows: int = 0) -> int:
@@ -83,3 +94,7 @@ class ALiBi(PositionalEncoding):
         # to bf16 leaves them exact. Shift invariant: the offset cancels in every distance. In document mode too:
         # within a document i - j is the distance of the in-document positions, and the layers mask the rest.
         return torch.arange(offset, offset + seq_len, device=device)  # [N] int64
+
+    def decode_state(self, batch_size, past, num_new, device, dtype, offset=0):
+        # The positions of every token, cached ones included: a new query's bias spans all keys.
+        return torch.arange(offset, offset + past + num_new, device=device)  # [past + n] int64

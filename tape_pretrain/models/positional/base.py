@@ -8,13 +8,16 @@ branches on the variant: it hands the state to its layer module and takes back t
 Document mode (``Transformer.forward(..., document_ids=...)``): a row packs several documents. A DocumentLayout,
 built once per forward, holds where each token's document starts; every encoding then restarts its positions at 0
 at each document start, and attention is block-causal (a query sees the keys of its own document at or before it).
+
+Cached decoding (tape_pretrain.models.cache): the model builds the new tokens' state with ``decode_state``, and each
+layer's ``attend_cached`` appends what later tokens need to its LayerCache and attends over every cached token.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,9 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tape_pretrain.config import ModelConfig
+
+if TYPE_CHECKING:
+    from tape_pretrain.models.cache import LayerCache
 
 State = Any  # each encoding's own state: None, a tensor or a tuple of tensors
 
@@ -204,6 +210,19 @@ def attention(q, k, v, causal: bool, bias: torch.Tensor | None = None, scale: fl
     return gradient_in_output_layout(out)  # a function of this module: tests route every call through it
 
 
+def attention_after(q, k, v, past: int, scale: float | None = None):
+    """Causal attention of cached decoding: n new queries [B, H, n, D] at positions past .. past + n - 1 over the
+    keys and values of all past + n tokens [B, H, past + n, *]; query i sees keys 0 .. past + i.
+
+    SDPA's is_causal aligns its mask top-left when n != past + n, so a chunk after cached tokens gets an explicit mask
+    (none for a single query, which sees every key). A first chunk (past = 0) runs as the uncached forward."""
+    n = q.shape[-2]
+    if past == 0:
+        return attention(q, k, v, causal=True, scale=scale)
+    mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool, device=q.device).tril(past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def causal_mask_bias(n: int, device, dtype=torch.float32) -> torch.Tensor:
     """[N, N] additive mask: 0 on and below the diagonal, -inf above."""
     return torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu(1)
@@ -216,6 +235,12 @@ class PositionalLayer(nn.Module):
                documents: DocumentLayout | None = None) -> tuple[torch.Tensor, State]:  # q,k,v: [B,H,N,D]
         """Attention with the state (causal, or bidirectional); with ``documents``, block-causal per document."""
         raise NotImplementedError
+
+    def attend_cached(self, q, k, v, state: State, cache: LayerCache) -> tuple[torch.Tensor, State]:
+        """Cached decoding (models.cache): attention of the new tokens' q, k, v [B,H,n,D] at positions cache.past ..
+        over every cached token and causally over themselves, after appending what later tokens need to ``cache``;
+        ``state`` is the encoding's decode_state, as the layers hand it on."""
+        raise NotImplementedError(f"{type(self).__name__} has no cached decoding")
 
     def after_mlp(self, mlp_out: torch.Tensor, state: State) -> State:  # mlp_out: [B,N,d]
         return state
@@ -245,6 +270,16 @@ class PositionalEncoding(nn.Module):
                       causal: bool = True, documents: DocumentLayout | None = None) -> State:
         """The state entering layer 0 for positions offset .. offset+seq_len-1; with ``documents``, for each token's
         position in its document plus offset."""
+        return None
+
+    def decode_state(self, batch_size: int, past: int, num_new: int, device, dtype, offset: int = 0) -> State:
+        """The state entering layer 0 in cached decoding for ``num_new`` tokens after ``past`` cached ones (positions
+        offset + past ..): the initial state of those tokens, unless an encoding's layers need more (ALiBi, FIRE)."""
+        return self.initial_state(batch_size, num_new, device, dtype, offset=offset + past)
+
+    def cache_refusal(self) -> str | None:
+        """Why cached decoding would not reproduce the uncached forward in this encoding's current mode, or None
+        when it does."""
         return None
 
     def extra_forward_flops_per_token(self, seq_len: int) -> float:

@@ -64,35 +64,42 @@ def query_block_rows(num_queries: int, num_keys: int, bytes_per_pair: int, max_r
 
 
 def block_plan(batch: int, num_heads: int, n: int, causal: bool, bias_bytes_per_pair: int, device_type: str,
-               grad: bool) -> tuple[int, bool]:
-    """(query rows per block, whether the blocks are recomputed in the backward) of attention_in_query_blocks
-    (also read by tape_pretrain.memory_plan)."""
+               grad: bool, num_keys: int | None = None) -> tuple[int, bool]:
+    """(query rows per block, whether the blocks are recomputed in the backward) of attention_in_query_blocks for
+    ``n`` queries and ``num_keys`` keys (n unless cached tokens precede the queries; also read by
+    tape_pretrain.memory_plan)."""
+    num_keys = n if num_keys is None else num_keys
     on_cpu = device_type == "cpu"
     pair_bytes = bias_bytes_per_pair
     if on_cpu and grad:
         # SDPA's math kernel (the CPU's when the bias needs a gradient) holds scores and probabilities in fp32 for
         # each of the B * H rows of a pair; the fused kernels (CPU flash, CUDA's) hold tiles only.
         pair_bytes += 2 * batch * num_heads * 4
-    rows = query_block_rows(n, n, pair_bytes, CPU_MAX_CAUSAL_BLOCK_ROWS if causal and on_cpu else None)
-    recompute = grad and not (rows >= n and n * n * pair_bytes <= KEEP_BYTES)
+    rows = query_block_rows(n, num_keys, pair_bytes, CPU_MAX_CAUSAL_BLOCK_ROWS if causal and on_cpu else None)
+    recompute = grad and not (rows >= n and n * num_keys * pair_bytes <= KEEP_BYTES)
     return rows, recompute
 
 
 BlockBias = Callable[[int, int, int], torch.Tensor]
 """block_bias(start, stop, num_keys) -> [1 or B, H, stop - start, num_keys]: the additive bias for queries
-start..stop-1 against keys 0..num_keys-1, the causal mask (-inf) included."""
+start..stop-1 against keys 0..num_keys-1, the causal mask (-inf) included; indices count from the sequence's first
+token, cached ones included."""
 
 
 def attention_in_query_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                               block_bias: BlockBias, bias_bytes_per_pair: int,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, past: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale + bias) @ v with the bias built per block of queries by ``block_bias``.
 
     q, k, v: [B, H, N, D] -> [B, H, N, D]. ``bias_bytes_per_pair``: the bytes ``block_bias`` keeps live per (query,
     key) pair while it builds a block (its temporaries and result); SDPA's scores and probabilities are added here.
+    Cached decoding (``past`` > 0, causal only): q [B, H, n, D] holds the tokens past .. past + n - 1 and k, v
+    [B, H, past + n, D] every token; the output is [B, H, n, D].
     """
     b, h, n, _ = q.shape
-    rows, recompute = block_plan(b, h, n, causal, bias_bytes_per_pair, q.device.type, torch.is_grad_enabled())
+    assert causal or past == 0, "cached decoding is causal"
+    rows, recompute = block_plan(b, h, n, causal, bias_bytes_per_pair, q.device.type, torch.is_grad_enabled(),
+                                 num_keys=past + n)
     one_block = rows >= n
     # Every block adds its share to the gradients of k and v, which in bf16 round once per block: against fp32, dk
     # and dv came out 5-15 % (causal) and up to 25 % (bidirectional, 6 blocks) less accurate than from one call.
@@ -101,8 +108,9 @@ def attention_in_query_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     outs = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        num_keys = stop if causal else n
-        args = (block_bias, start, stop, scale, q[:, :, start:stop], k[:, :, :num_keys], v[:, :, :num_keys])
+        num_keys = past + stop if causal else n
+        args = (block_bias, past + start, past + stop, scale, q[:, :, start:stop], k[:, :, :num_keys],
+                v[:, :, :num_keys])
         if recompute:
             outs.append(checkpoint(_attend_block, *args, use_reentrant=False, preserve_rng_state=False))
         else:

@@ -73,6 +73,15 @@ class FIRELayer(PositionalLayer):
         return bias.unsqueeze(0)
 
     def attend(self, q, k, v, positions, causal, documents=None):
+        return self.attend_with_bias(q, k, v, positions, causal, documents), positions
+
+    def attend_cached(self, q, k, v, positions, cache):
+        # positions: of every token, the cached ones first (FIRE.decode_state); the queries are positions[past:]
+        keys, values = cache.extend(k, v)
+        return self.attend_with_bias(q, keys, values, positions, True, past=cache.past), positions
+
+    def attend_with_bias(self, q, k, v, positions, causal, documents=None, past: int = 0):
+        """Attention of the queries at positions[past:] over the keys at positions (see attention_in_query_blocks)."""
         # Cast once for all blocks: a bf16 parameter's gradient then sums the blocks' shares in fp32 and rounds once.
         parameters = self._work_parameters()
 
@@ -84,7 +93,7 @@ class FIRELayer(PositionalLayer):
         document_rows = 0 if documents is None else q.shape[0]
         bytes_per_pair = self.bias_bytes_per_pair(q.shape[1], q.element_size(), parameters[0].element_size(),
                                                   document_rows)
-        return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair), positions
+        return attention_in_query_blocks(q, k, v, causal, block_bias, bytes_per_pair, past=past)
 
     def bias_bytes_per_pair(self, num_heads: int, dtype_bytes: int, work_bytes: int, document_rows: int = 0) -> int:
         """Live bytes per (query, key) pair while a block's bias is built, in the work dtype: the distance, psi's
@@ -113,6 +122,11 @@ class FIRE(PositionalEncoding):
         if documents is not None:
             return documents.positions + offset  # [B, N] int64
         return torch.arange(offset, offset + seq_len, device=device)  # [N] int64
+
+    def decode_state(self, batch_size, past, num_new, device, dtype, offset=0):
+        # The positions of every token, cached ones included: a new query's bias spans all keys, and its normaliser
+        # psi(max(i, L~)) reads its absolute position offset + past + j.
+        return torch.arange(offset, offset + past + num_new, device=device)  # [past + n] int64
 
     def extra_forward_flops_per_token(self, seq_len):
         width = self.config.positional.fire_mlp_width

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer, attention
+from tape_pretrain.models.positional.base import (
+    PositionalEncoding,
+    PositionalLayer,
+    attention,
+    attention_after,
+)
 
 
 class NoPELayer(PositionalLayer):
     def attend(self, q, k, v, state, causal, documents=None):
         return attention(q, k, v, causal, documents=documents), state
+
+    def attend_cached(self, q, k, v, state, cache):
+        keys, values = cache.extend(k, v)
+        return attention_after(q, keys, values, cache.past), state
 
 
 class NoPE(PositionalEncoding):

@@ -25,6 +25,12 @@ floor(p R / N), R = eval_range(N) for the row length N: exactly the positions of
 floor(p R_n / n) with R_n = eval_range(n), whenever M / max_seq_len is an integer r or at most 1 (both are r p, or p);
 otherwise the two may differ by one.
 
+Cached decoding (models.cache) needs positions that a prefix keeps as the sequence grows. Training draws anew every
+forward, and eval-mode ``sample`` draws all N positions anew for each length N: a cache refuses both (cache_refusal;
+greedy generation then recomputes the prefix). ``expected`` positions floor(i R / N) are prefix-consistent when
+M / max_seq_len is an integer r (they are r i) or at most 1 (they are i), and the cache takes exactly those (for the
+new tokens after L cached ones: r (L + j)); any other ratio is refused.
+
 Draws are per row and shared by every layer, in training and evaluation, where the official code draws per layer
 (one set of positions for the whole batch in each layer). Per row follows the definition of randomised positional
 encodings (one ordered sample of positions per sequence, so every layer sees a token at the same position) and this
@@ -58,6 +64,30 @@ class RandRoPE(RoPE):
     def eval_range(self, seq_len: int) -> int:
         """R: eval-mode positions lie in [0, R) at length seq_len (2 x seq_len at the default max_len)."""
         return max(seq_len, seq_len * self.max_len // self.train_len)
+
+    def decode_stride(self) -> int | None:
+        """The gap r of the expected positions r i at every length, or None where they depend on the length."""
+        if self.max_len <= self.train_len:
+            return 1  # R = N: positions 0 .. N-1
+        return self.max_len // self.train_len if self.max_len % self.train_len == 0 else None
+
+    def cache_refusal(self):
+        if self.training:
+            return ("RandPE draws new positions every training forward, which a decoding cache cannot keep: call "
+                    "model.eval() with model.positional.randrope_eval=expected to decode with a cache")
+        if self.eval_mode == "sample":
+            return ("RandPE's randrope_eval=sample draws all N positions anew for each length N, so a prefix's "
+                    "positions change as the sequence grows and cannot be cached: set model.positional.randrope_eval="
+                    "expected to decode with a cache, or decode without one")
+        if self.decode_stride() is None:
+            return (f"RandPE's expected positions floor(i R / N) change with the length N unless randrope_max_len / "
+                    f"max_seq_len is an integer or at most 1 (here {self.max_len} / {self.train_len}): decode without "
+                    "a cache")
+        return None
+
+    def decode_state(self, batch_size, past, num_new, device, dtype, offset=0):
+        positions = torch.arange(past, past + num_new, device=device) * self.decode_stride() + offset
+        return self.tables(positions.unsqueeze(0), dtype)  # [1, n]: the expected positions r i of these tokens
 
     def positions(self, batch_size, seq_len, device, offset, documents=None):
         if not self.training:

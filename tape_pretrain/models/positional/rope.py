@@ -11,6 +11,7 @@ from tape_pretrain.models.positional.base import (
     PositionalLayer,
     apply_rotary,
     attention,
+    attention_after,
     rotary_frequencies,
     rotary_tables,
 )
@@ -22,6 +23,11 @@ class RotaryLayer(PositionalLayer):
     def attend(self, q, k, v, state, causal, documents=None):
         cos, sin = state
         return attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal, documents=documents), state
+
+    def attend_cached(self, q, k, v, state, cache):
+        cos, sin = state  # the new tokens' tables
+        keys, values = cache.extend(apply_rotary(k, cos, sin), v)  # rotated keys: final once computed
+        return attention_after(apply_rotary(q, cos, sin), keys, values, cache.past), state
 
 
 class RoPE(PositionalEncoding):
@@ -37,6 +43,10 @@ class RoPE(PositionalEncoding):
         return torch.arange(offset, offset + seq_len, device=device).unsqueeze(0)
 
     def initial_state(self, batch_size, seq_len, device, dtype, offset=0, causal=True, documents=None):
-        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device)
-        cos, sin = rotary_tables(self.positions(batch_size, seq_len, device, offset, documents), theta, dtype)
+        return self.tables(self.positions(batch_size, seq_len, device, offset, documents), dtype)
+
+    def tables(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state (cos, sin), each [1 or B, 1, N, F], of integer positions [1 or B, N]."""
+        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, positions.device)
+        cos, sin = rotary_tables(positions, theta, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)  # [1 or B, 1, N, F]

@@ -9,6 +9,7 @@ from tape_pretrain.models.positional.base import (
     PositionalLayer,
     apply_rotary,
     attention,
+    attention_after,
     rotary_frequencies,
 )
 
@@ -18,6 +19,11 @@ class XPosLayer(PositionalLayer):
         cos_q, sin_q, cos_k, sin_k = state
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
         return attention(q, k, v, causal, documents=documents), state
+
+    def attend_cached(self, q, k, v, state, cache):
+        cos_q, sin_q, cos_k, sin_k = state  # the new tokens' tables
+        keys, values = cache.extend(apply_rotary(k, cos_k, sin_k), v)  # rotated and scaled by zeta^(-n/s)
+        return attention_after(apply_rotary(q, cos_q, sin_q), keys, values, cache.past), state
 
 
 class XPos(PositionalEncoding):
