@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from tape_pretrain.utils.logs import setup_logging
 from tape_pretrain.utils.redact import RedactingStream, remember_secrets
 
 
@@ -521,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     remember_secrets(list(argv))  # URLs given on the command line, overrides included
     try:
         args = build_parser().parse_args(argv)
+        # warnings of every command as train logs them (train adds its run directory's log file)
+        rank = os.environ.get("RANK", "0")
+        setup_logging(int(rank) if rank.isdigit() else 0)
         args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

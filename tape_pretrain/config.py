@@ -398,6 +398,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         where = f"{path}." if path else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{required[0]} is required (give it a value)")
     return cls(**kwargs)
 
 
@@ -624,8 +629,8 @@ def _validate_sources(data: DataConfig) -> None:
     names = set()
     for i, source in enumerate(data.sources):
         where = f"data.sources[{i}]"
-        if not source.weight > 0:
-            raise ConfigError(f"{where}.weight must be positive, got {source.weight}")
+        if not (source.weight > 0 and math.isfinite(source.weight)):
+            raise ConfigError(f"{where}.weight must be a positive finite number, got {source.weight}")
         name = source_name(source)
         if not SOURCE_NAME.fullmatch(name):
             raise ConfigError(f"{where}.name {name!r}: use letters, digits, '_', '.' and '-' (it names a metric)")

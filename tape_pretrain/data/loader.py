@@ -175,17 +175,19 @@ class GlobalBatchLoader:
         self.windows_consumed = 0
         self.prefetch = prefetch
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._permutations_lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def permutation(self, epoch: int, source: int = 0) -> np.ndarray:
         key = (source, epoch)
-        if key not in self._permutations:
-            rng = np.random.default_rng([self.seed, epoch] if source == 0 else [self.seed, epoch, source])
-            self._permutations = {k: v for k, v in self._permutations.items() if k[0] != source}  # current only
-            self._permutations[key] = rng.permutation(self.sources[source].windows.num_windows)
-        return self._permutations[key]
+        with self._permutations_lock:  # the prefetch thread and the training loop (its log line) both ask
+            if key not in self._permutations:
+                rng = np.random.default_rng([self.seed, epoch] if source == 0 else [self.seed, epoch, source])
+                self._permutations = {k: v for k, v in self._permutations.items() if k[0] != source}  # current only
+                self._permutations[key] = rng.permutation(self.sources[source].windows.num_windows)
+            return self._permutations[key]
 
     def _source_windows(self, source: int, ordinals: np.ndarray) -> np.ndarray:
         """Window ids of a source's windows number ``ordinals`` in its own sequence (epoch after epoch)."""

@@ -1,10 +1,11 @@
 """The deterministic weighted interleaving of a mixture's sources (data.sources).
 
 Source s with weight w_s contributes its k-th window at time (k + 1/2) / w_s; the global window sequence is every
-source's windows in order of time (ties to the lower source index). Among the first p windows, source s therefore
-has p w_s / sum(w) of them to within one, at every p: the mixture holds its weights over any stretch of training,
-not only on average. Position p's (source, ordinal) is a function of p and the weights alone: not of the world
-size, and no state beyond the position is needed to resume.
+source's windows in order of time (ties to the lower source index): Sainte-Laguë apportionment, made sequential.
+Among the first p windows, source s has close to p w_s / sum(w) of them at every p (two sources: within one window;
+with many sources of very unequal weights a few windows at worst, never growing with p): the mixture holds its
+weights over any stretch of training, not only on average. Position p's (source, ordinal) is a function of p and the
+weights alone: not of the world size, and no state beyond the position is needed to resume.
 
 Arithmetic is exact: weights become the integers q_s of their exact decimal fractions, and times are compared as
 integers, so every rank and every resume computes the same order.

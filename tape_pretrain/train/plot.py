@@ -60,5 +60,4 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> list[Path]:
         plt.close(fig)
     if not written:
         raise ConfigError(f"{', '.join(run_dirs)}: no logged metrics to plot yet")
-    print("\n".join(f"plot: wrote {p}" for p in written))
     return written

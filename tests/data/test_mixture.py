@@ -132,9 +132,11 @@ def test_sources_cannot_change_on_resume(windows):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.path=/x", "data.sources=[{path: /y}]"], "data.path and data.sources are both set"),
-    (["data.sources=[{path: /y, weight: 0}]"], r"data.sources\[0\].weight must be positive"),
+    (["data.sources=[{path: /y, weight: 0}]"], r"data.sources\[0\].weight must be a positive finite number, got 0.0"),
     (["data.sources=[{path: /a/web}, {path: /b/web}]"], "two sources are named 'web'"),
     (["data.sources=[{path: /a, name: 'x y'}]"], r"data.sources\[0\].name 'x y'"),
+    (["data.sources=[{path: /y, weight: .inf}]"], r"data.sources\[0\].weight must be a positive finite number"),
+    (["data.sources=[{weight: 1}]"], r"data.sources\[0\].path is required"),
 ])
 def test_bad_sources_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

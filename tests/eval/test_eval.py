@@ -90,6 +90,18 @@ def test_document_attention_and_within_document_windows_score_each_document_alon
     assert within["windows"] == expected_windows > 0
     assert within["tokens"] == sum(n + 16 * (max(0, (b - a - n - 1) // 16 + 1) - 1)
                                    for a, b in zip(starts, ends) if b - a > n)
+    # the first windows inside documents, scored as the sliding window scores them, from the document offsets
+    first = perplexity(model, windows, max_tokens=16 * 5, batch_size=2, device="cpu", stride=16,
+                       within_documents=True)
+    a = next(a for a, b in zip(starts, ends) if b - a > n + 16 * 4)
+    losses = []
+    with torch.no_grad():
+        for j in range(5):
+            tokens = torch.from_numpy(flat[a + 16 * j: a + 16 * j + n + 1])[None]
+            loss = F.cross_entropy(model(tokens[:, :-1])[0], tokens[0, 1:], reduction="none")
+            losses.append(loss if j == 0 else loss[n - 16:])
+    assert first["tokens"] == n + 4 * 16
+    assert first["loss"] == pytest.approx(torch.cat(losses).double().mean().item(), rel=1e-9)
     export = export_with_tokenizer(dataset_path, tmp_path / "export")
     assert main(["eval", export, "--data", dataset_path, "--lengths", "32", "--max-tokens", "256", "--device", "cpu",
                  "--attention", "document", "--within-documents", "--out", str(tmp_path / "out")]) == 0

@@ -71,9 +71,9 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, dataset_path, reference,
         (newest / "files.json").write_text("")
     exported = run([sys.executable, "-m", "tape_pretrain.cli", "export", str(tmp_path / "run"), "--out",
                     str(tmp_path / "x")])
-    assert "warning: skipping checkpoint step_00000006" in exported.stdout and "(step 4," in exported.stdout
+    assert "WARNING skipping checkpoint step_00000006" in exported.stdout and "(step 4," in exported.stdout
     out = run(train_command(0, cfg))
-    assert "warning: skipping checkpoint step_00000006" in out.stdout
+    assert "WARNING skipping checkpoint step_00000006" in out.stdout
     assert "resumed from" in out.stdout and "step_00000004" in out.stdout
     resumed = metrics(tmp_path / "run")
     assert [resumed[s]["loss_hex"] for s in range(5, 9)] == [reference[s]["loss_hex"] for s in range(5, 9)]
@@ -104,8 +104,8 @@ def test_pickle_payload_never_runs(tmp_path, dataset_path):
         target = next((tmp_path / "run/checkpoints" / f"step_{step:08d}" / "engine").rglob("*model_states.pt"))
         torch.save({"module": Payload()}, target)
     out = run(train_command(0, cfg, "trainer.max_steps=3"), check=False)
-    assert "warning: skipping checkpoint step_00000002" in out.stdout
-    assert "warning: skipping checkpoint step_00000001" in out.stdout
+    assert "WARNING skipping checkpoint step_00000002" in out.stdout
+    assert "WARNING skipping checkpoint step_00000001" in out.stdout
     assert "model_states.pt: size" in out.stdout  # refused on its recorded size, before unpickling
     assert "resumed from" not in out.stdout
     assert not canary.exists()

@@ -10,6 +10,7 @@ grad norm doubles: the grad norm is the quantity that catches it.
 
 import copy
 import hashlib
+import json
 import math
 
 import pytest
@@ -61,7 +62,8 @@ VARIANTS["ddp-2"] = (2, "ddp", 0, "fp32", "tape")
 # HSDP: 2 replicas of 2 shards. Micro-batches of 2 keep accumulation at 2 on 4 ranks. Not reshard_after_forward,
 # so the other FSDP2 setting is exercised too.
 VARIANTS["hsdp-4"] = (4, "fsdp2", 0, "fp32", "tape")
-EXTRA_SETTINGS = {"zero2-1-document": {"model.attention": "document"},
+# Enough val windows (400 of 64 tokens) that the evaluation crosses document boundaries.
+EXTRA_SETTINGS = {"zero2-1-document": {"model.attention": "document", "trainer.eval_batches": 100},
                   "hsdp-4": {"parallel.replicate_degree": 2, "trainer.micro_batch_size": 2,
                              "parallel.reshard_after_forward": False}}
 # One process is fast (3-8 s a run) and runs in the default fast suite; two processes are the slow, distributed half.
@@ -83,18 +85,21 @@ def reference_training(config_path, bf16: bool = False) -> dict:
     global_windows = t.global_batch_tokens // t.seq_len
     documents = config.model.attention == "document"
     loader = GlobalBatchLoader(windows, fingerprint, config.seed, global_windows, rank=0, world_size=1, prefetch=0,
-                               documents=documents)
+                               documents=True)  # ids for document attention, and for the boundary metric
     torch.manual_seed(config.seed)
     model = build_model(resolve_run_model_config(config, int(manifest.tokenizer["vocab_size"])))
     compute = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
                                   betas=o.betas, eps=o.eps)
     micro_batches = global_windows // t.micro_batch_size
-    losses, grad_norms, window_hashes = [], [], []
+    losses, grad_norms, window_hashes, crossing = [], [], [], []
     for step in range(t.max_steps):
         window_hashes.append(hashlib.blake2b(loader.global_indices(loader.windows_consumed).tobytes(),
                                              digest_size=8).hexdigest())
         batch = loader.next_batch()  # [windows, seq_len + 1]
+        # inputs whose context reaches into another document: none under document attention
+        inputs_ids = batch.document_ids[:, :-1]
+        crossing.append(0.0 if documents else float((inputs_ids != inputs_ids[:, :1]).sum()) / inputs_ids.numel())
         ids = batch.document_ids.split(t.micro_batch_size) if documents else [None] * micro_batches
         if bf16:
             with torch.no_grad():
@@ -118,7 +123,17 @@ def reference_training(config_path, bf16: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(sum(step_losses) / len(step_losses))
-    return {"loss": losses, "grad_norm": grad_norms, "windows_hash": window_hashes, "weights": model.state_dict()}
+    # val_loss as the trainer defines it: the first eval_batches x micro_batch_size val windows of seq_len
+    val = TokenWindows(cache_split(config.data.path, manifest, fingerprint, "val", config.data.cache_dir),
+                       manifest.dtype, t.seq_len)
+    tokens, val_ids = (torch.from_numpy(a) for a in val.gather(range(t.eval_batches * t.micro_batch_size), True))
+    assert not documents or (val_ids[:, :-1] != val_ids[:, :1]).any(), "no val window crosses a document"
+    with torch.no_grad():
+        val_loss, causal_val_loss = (F.cross_entropy(model.eval()(tokens[:, :-1], document_ids=ids).flatten(0, 1),
+                                                     tokens[:, 1:].flatten()).item()
+                                     for ids in (val_ids[:, :-1] if documents else None, None))
+    return {"loss": losses, "grad_norm": grad_norms, "windows_hash": window_hashes, "weights": model.state_dict(),
+            "boundary_crossing_fraction": crossing, "val_loss": val_loss, "causal_val_loss": causal_val_loss}
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +146,12 @@ def reference(workdir, dataset_path):
     """The reference loop's results per precision, computed on first use."""
     results = {}
 
-    def get(precision: str, encoding: str, attention: str = "causal") -> dict:
+    def get(precision: str, encoding: str, attention: str = "causal", eval_batches: int = 1) -> dict:
         if (precision, encoding, attention) not in results:
             config = write_config(workdir / f"reference-{precision}-{encoding}-{attention}.yaml", dataset_path,
                                   workdir / "reference", **SETTINGS, **{"model.positional.name": encoding,
-                                                                        "model.attention": attention})
+                                                                        "model.attention": attention,
+                                                                        "trainer.eval_batches": eval_batches})
             results[precision, encoding, attention] = reference_training(config, bf16=precision == "bf16")
         return results[precision, encoding, attention]
 
@@ -167,8 +183,9 @@ def relative(a: float, b: float) -> float:
 @pytest.mark.parametrize("name", PARAMS)
 def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, name):
     precision, encoding = VARIANTS[name][3:]
-    attention = EXTRA_SETTINGS.get(name, {}).get("model.attention", "causal")
-    want, tol = reference(precision, encoding, attention), TOLERANCES[precision]
+    extra = EXTRA_SETTINGS.get(name, {})
+    want = reference(precision, encoding, extra.get("model.attention", "causal"), extra.get("trainer.eval_batches", 1))
+    tol = TOLERANCES[precision]
     result = engine_run(workdir, dataset_path, name)
     records = result["metrics"]
     assert sorted(records) == list(range(1, STEPS + 1))
@@ -194,6 +211,16 @@ def test_engine_matches_the_reference_loop(workdir, dataset_path, reference, nam
             assert not torch.equal(weights[key], weights[key].to(torch.bfloat16).float()), (name, key)
     # The data side: same windows in the same order on every engine and world size, and the metrics a user reads.
     assert [records[s]["windows_hash"] for s in range(1, STEPS + 1)] == want["windows_hash"]
+    # every rank's count of tokens that see across a document boundary, summed
+    assert [records[s]["boundary_crossing_fraction"] for s in range(1, STEPS + 1)] == pytest.approx(
+        want["boundary_crossing_fraction"], abs=1e-12)
+    if precision == "fp32":  # the final evaluation, with document attention where the run trains with it
+        val = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()
+               if "val_loss" in line][-1]
+        error = abs(val["val_loss"] - want["val_loss"])
+        assert error <= tol["weights"] * want["val_loss"], (name, val["val_loss"], want["val_loss"])
+        if want["val_loss"] != want["causal_val_loss"]:  # document mode: closer to it than to causal attention
+            assert error < abs(want["val_loss"] - want["causal_val_loss"]) / 10, (name, val, want["causal_val_loss"])
     record = records[3]
     assert record["tokens"] == 3 * 1024 and record["seq_len"] == 64
     assert math.isclose(record["lr"], learning_rate(2, STEPS, 3e-3, load_config(workdir / f"{name}.yaml").schedule))

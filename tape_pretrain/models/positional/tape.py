@@ -30,6 +30,9 @@ from tape_pretrain.models.positional.base import (
 # wider than q/k up to 256; flash needs equal widths). A wider value would run the math kernel, which materialises
 # the [N, N] attention matrix: two calls of width D each then stay on the fused kernels.
 MAX_FUSED_VALUE_DIM = 256
+MAX_FLEX_VALUE_DIM = 128
+"""Document mode on CUDA runs FlexAttention, whose kernels are tuned for head dims up to 128: one call over the
+2D-wide value only while 2D <= 128 (head_dim 64, the paper's sizes); wider heads take two D-wide calls."""
 # auto's limit for one call on the CPU: causal_attention_in_blocks keeps its attention probabilities for backward,
 # 5/8 of the [H, N, N] matrix at N = 1024 (31 MB per sequence and layer at H = 12 in fp32), growing as N^2.
 MAX_CPU_ONE_CALL_LEN = 2048
@@ -150,7 +153,11 @@ class TAPELayer(PositionalLayer):
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
         if self.is_last or self.post_attention_linear is None:
             return attention(q, k, v, causal, documents=documents), cs
-        if resolve_attention_form(self.attention_form, q.device.type, q.shape[-1], q.shape[-2], causal) == "one_call":
+        form = resolve_attention_form(self.attention_form, q.device.type, q.shape[-1], q.shape[-2], causal)
+        if (form == "one_call" and documents is not None and self.attention_form == "auto"
+                and q.device.type == "cuda" and 2 * q.shape[-1] > MAX_FLEX_VALUE_DIM):
+            form = "two_calls"
+        if form == "one_call":
             value = torch.cat((v, cs), dim=-1)  # [B, H, N, 2D]
             if causal and q.device.type == "cpu":
                 both = causal_attention_in_blocks(q, k, value, documents=documents)
