@@ -367,6 +367,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return int(value)
@@ -717,7 +719,12 @@ def describe_config(config: Any = None, defaults: Any = None) -> list[KeyDoc]:
             if dataclasses.is_dataclass(value):
                 walk(value, default_value, f"{prefix}{f.name}.")
             else:
-                out.append(KeyDoc(f"{prefix}{f.name}", _plain(value), _plain(default_value), docs.get(f.name, "")))
+                shown = _plain(value)
+                if f.name == "storage_options" or "://" in str(shown):  # credentials never leave in clear
+                    from tape_pretrain.utils.redact import redact
+
+                    shown = redact({f.name: shown})[f.name]
+                out.append(KeyDoc(f"{prefix}{f.name}", shown, _plain(default_value), docs.get(f.name, "")))
 
     walk(config, defaults, "")
     return out

@@ -113,7 +113,11 @@ class StreamCache:
             raise DataError(f"{name} with its document offsets is {largest:,} bytes ({_gib(largest)}), more than this "
                             f"rank's stream cache of {self.limit_bytes:,} bytes ({_gib(self.limit_bytes)}): raise "
                             "data.stream_cache_gib (each node's ranks share it evenly), or use data.access=copy")
-        entry = _Split(url, fs, root, self.directory / fingerprint[:16], shards, manifest.dtype,
+        # one directory per split read (not per fingerprint): a dataset listed twice, or one dataset at two URLs,
+        # must not share files that either may evict or be renaming into place
+        with self._cond:
+            slot = len(self._splits)
+        entry = _Split(url, fs, root, self.directory / f"{slot:03d}-{fingerprint[:16]}", shards, manifest.dtype,
                        int(manifest.tokenizer["vocab_size"]), int(manifest.tokenizer.get("eos_id", -1)), sizes,
                        [None] * len(shards), [None] * len(shards), [0] * len(shards))
         with self._cond:

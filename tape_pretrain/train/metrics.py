@@ -93,8 +93,8 @@ class MetricsWriter:
         self.tensorboard = None
         if logging.tensorboard:
             # Events of a run that did not survive past the checkpoint are purged, as metrics.jsonl's lines are.
-            self.tensorboard = tensorboard_writer(run_dir / "tensorboard", resume_step + 1 if resume_step
-                                                  else None)
+            # a run that starts from scratch purges from step 1: a previous attempt's curves must not mix in
+            self.tensorboard = tensorboard_writer(run_dir / "tensorboard", (resume_step or 0) + 1)
         self.wandb = None
         self.wandb_id = wandb_id
         if logging.wandb.mode != "disabled":

@@ -306,6 +306,8 @@ class Trainer:
                     self.metrics.log({"step": self.step, "tokens": self.step * t.global_batch_tokens, **val_losses})
                     last.update(val_losses)
                     log.info(f"eval step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in val_losses.items()))
+                if not preempted and all_agree_any(self.stop_requested, env):  # a signal during the evaluation
+                    preempted = stop = final = checkpoint = True  # save now, not after one more step
             if checkpoint:
                 uploads = ["metrics.jsonl", "config.json"] + ([f"logs/{self.log_file.name}"] if self.log_file else [])
                 self.checkpoints.save(self.step, self.engine, self.trainer_state(), extra_uploads=uploads,
@@ -377,7 +379,8 @@ class Trainer:
         from metrics.jsonl so that both agree, over every segment of a resumed run."""
         records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
         training = [r for r in records if "loss" in r]
-        evaluations = [r for r in records if "val_loss" in r]
+        # a diverged evaluation is logged as null (NaN): it is no one's best
+        evaluations = [r for r in records if isinstance(r.get("val_loss"), int | float)]
         best = min(evaluations, key=lambda r: r["val_loss"], default=None)
         export = self.run_dir / "export"
         summary = {
@@ -395,7 +398,7 @@ class Trainer:
         state = "finished" if summary["finished"] else "stopped" + (" by a signal" if preempted else "")
         val = "" if best is None else (f", final val_loss {summary['final_val_loss']:.4f}, best "
                                        f"{summary['best_val_loss']:.4f} at step {summary['best_val_step']}")
-        loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
+        loss = "" if not isinstance(summary["final_loss"], int | float) else f", final loss {summary['final_loss']:.4f}"
         log.info(f"summary: {state} at step {self.step}/{summary['max_steps']} ({summary['tokens']:,} tokens) in "
                  f"{format_duration(summary['wall_time_s'])}{loss}{val}; export "
                  f"{summary['export'] or 'none'}; written to {redact_text(self.config.run_dir)}/summary.json")

@@ -113,7 +113,7 @@ def test_a_tampered_shard_is_refused_when_first_read_naming_it(tmp_path, remote)
     inside_bad = (bad.num_tokens // 2 + int(windows.starts[1])) // WINDOW
     with pytest.raises(DataError, match=rf"{bad.path}: sha256 mismatch \(content altered\)"):
         windows.gather(np.array([inside_bad]))
-    assert not list((cache.directory / fp[:16] / "train").glob("shard_000001*"))  # nothing of it kept
+    assert not list((cache.directory / f"000-{fp[:16]}" / "train").glob("shard_000001*"))  # nothing of it kept
     cache.close()
 
 
@@ -124,7 +124,7 @@ def test_a_pinned_shard_is_never_evicted_and_oversized_shards_are_refused(tmp_pa
     tokens, _ = cache.acquire(0, 0, 0)  # a reader holds shard 0
     assert cache.prefetch([(0, 1), (0, 2), (0, 3)]) >= 1  # the prefetcher wants room
     assert tokens[0] is not None and cache.peak_bytes <= cache.limit_bytes  # shard 0 stayed
-    expected = np.fromfile(cache.directory / fp[:16] / manifest.splits["train"][0].path, dtype=manifest.dtype)
+    expected = np.fromfile(cache.directory / f"000-{fp[:16]}" / manifest.splits["train"][0].path, dtype=manifest.dtype)
     assert np.array_equal(tokens[0][:WINDOW], expected[:WINDOW])
     cache.release(0, 0, 0)
     cache.close()

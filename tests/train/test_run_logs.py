@@ -79,3 +79,32 @@ def test_plot_writes_a_png_per_metric(logged_run, tmp_path):
     written = plot_runs([str(run_dir), str(run_dir)], str(tmp_path))
     assert sorted(p.name for p in written) == sorted(f"{key}.png" for key in METRICS)
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_summary_of_a_diverged_evaluation_does_not_fail(tmp_path):
+    from types import SimpleNamespace
+
+    from tape_pretrain.config import load_config
+    from tape_pretrain.train.trainer import Trainer
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tokens": 64, "loss": 2.5}\n'
+                                            '{"step": 1, "tokens": 64, "val_loss": 2.0}\n'
+                                            '{"step": 2, "tokens": 128, "loss": null}\n'
+                                            '{"step": 2, "tokens": 128, "val_loss": null}\n')
+    fake = SimpleNamespace(run_dir=tmp_path, config=load_config(None, [f"run_dir={tmp_path}", "trainer.max_steps=2"]),
+                           step=2, _run_started=0.0, _first_step=0, log_file=None,
+                           run_directory=SimpleNamespace(upload=lambda paths: None))
+    summary = Trainer.write_summary(fake, preempted=False)
+    assert (summary["best_val_loss"], summary["best_val_step"], summary["final_val_loss"]) == (2.0, 1, 2.0)
+    assert summary["final_loss"] is None
+
+
+def test_config_show_hides_credentials_and_bad_numbers_are_one_error(capsys):
+    from tape_pretrain.cli import main
+
+    assert main(["config", "show", "data.storage_options.secret=hunter2",
+                 "data.path=s3://user:pass@bucket/ds"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "user:pass" not in out
+    assert main(["config", "show", "seed=.inf"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: seed: expected an integer, got inf"]
