@@ -97,6 +97,10 @@ def cmd_export(args) -> None:
     from tape_pretrain.train.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    if args.push_to_hub:
+        from tape_pretrain.train.export import push_to_hub
+
+        push_to_hub(args.out, args.push_to_hub, args.private)
 
 
 def cmd_study(args) -> None:
@@ -357,8 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "eval", "perplexity at several lengths and passkey retrieval",
                  "One progress bar per length on a terminal, one line per length otherwise. Under torchrun every "
                  "rank scores a share of the windows.")
-    p.add_argument("checkpoint", help="a run directory (its export/) or an export directory")
-    p.add_argument("--data", required=True, help=URL_HELP + "; its val split is scored")
+    p.add_argument("checkpoint", help="a run directory (its export/, else its newest checkpoint), an export "
+                                      "directory, or a checkpoint directory (RUN_DIR/checkpoints/step_N: consolidated "
+                                      "on the fly, results in RUN_DIR/eval/step_N)")
+    p.add_argument("--data", default=None,
+                   help=URL_HELP + "; its val split is scored (default: none; required, except with --task addition "
+                        "and --lm-eval)")
+    p.add_argument("--task", choices=["perplexity", "addition"], default="perplexity",
+                   help="perplexity: of --data's val split at --lengths tokens; addition: exact-match accuracy of "
+                        "greedy answers to reversed-digit addition problems (a model trained on "
+                        "builtin:addition) with --lengths read as operand lengths in digits")
+    p.add_argument("--problems", type=int, default=200,
+                   help="with --task addition: problems per operand length (seeded by --seed), reported with a "
+                        "Wilson 95%% interval")
     p.add_argument("--lengths", default="128,256,512", help="comma-separated evaluation lengths in tokens")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride; each token is scored once, with at least length - stride tokens of "
@@ -390,17 +405,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="evaluate on a dataset tokenized with another tokenizer of the same vocabulary size "
                         "(refused by default: the perplexity would be meaningless)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="run lm-evaluation-harness 0.4 on the export instead (comma-separated task names), through "
+                        "its hf model with trust_remote_code; --batch-size, --device and --dtype apply; writes "
+                        "lm_eval.json and lm_eval.md (default: none, perplexity)")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="a directory (or YAML file) of lm-eval task definitions, for local tasks (default: "
+                        "lm-eval's own tasks only)")
+    p.add_argument("--lm-eval-limit", type=float, default=None,
+                   help="documents per task (a fraction if < 1), for a quick look (default: all)")
+    p.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--lm-eval-log-samples", action="store_true",
+                   help="keep every request's arguments and responses in lm_eval.json")
     p.set_defaults(func=cmd_eval)
 
     p = _command(sub, "export", "consolidated safetensors export of a checkpoint",
-                 "Any engine and world size; RoPE exports load in Hugging Face transformers as Llama. Prints a line "
-                 "per phase with the elapsed time.")
+                 "Any engine and world size. The export loads in Hugging Face transformers: RoPE as stock Llama, "
+                 "every other encoding with trust_remote_code=True (the project's model code ships in it); "
+                 "AutoTokenizer loads its tokenizer; README.md is its model card. Prints a line per phase with the "
+                 "elapsed time.")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (local or remote: its newest "
                                       "complete checkpoint)")
     p.add_argument("--out", required=True, help="local directory for model.safetensors, config.json and "
                                                 "tokenizer.model")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an export in a non-empty --out (run and checkpoint directories are always refused)")
+    p.add_argument("--push-to-hub", default=None, metavar="USER/REPO",
+                   help="then upload --out to this Hugging Face Hub model repository (created if missing; token from "
+                        "`huggingface-cli login` or HF_TOKEN) (default: no upload)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
 
     p = _command(sub, "plot", "draw loss, val loss, lr, seq_len and throughput against tokens for one or several "

@@ -18,79 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names the dotted path."""
-
-
-POSITIONAL_NAMES = ("tape", "rope", "nope", "alibi", "fire", "xpos", "randrope")
-
-
-@dataclass
-class PositionalConfig:
-    name: Literal["tape", "rope", "nope", "alibi", "fire", "xpos", "randrope"] = "tape"
-    """Which positional encoding the attention uses."""
-    rope_base: float = 10000.0
-    """Base of the rotary frequencies theta_f = base^(-2f/D) (rope, tape, xpos, randrope)."""
-    tape_position_size: int | None = None
-    """Width I of TAPE's positional MLP; None means 4 x num_heads."""
-    tape_random_offset: bool = False
-    """Draw a random global position offset k in [0, 2*max_seq_len] per training forward (TAPE)."""
-    tape_attention: Literal["auto", "two_calls", "one_call"] = "auto"
-    """How TAPE computes A v and A [c|s]: one attention call over [v|c|s], two calls, or the faster one per device."""
-    tape_attention_update: bool = True
-    """TAPE's attention-side update c, s += gamma_h (A c, A s); false (the paper's ablation) leaves the state unchanged
-    through attention and creates no gamma matrix (post_attention_linear)."""
-    tape_mlp_update: bool = True
-    """TAPE's MLP-side update c, s += M_n (c, s); false (the paper's ablation) leaves the state unchanged through the
-    MLP and creates no positional MLP (pe.x_proj, pe.up_proj, pe.down_proj). Both false is exactly RoPE."""
-    xpos_scale_base: float = 2048.0
-    """xPos decay scale s: q is scaled by zeta^(n/s), k by zeta^(-n/s)."""
-    fire_mlp_width: int = 32
-    """Hidden width of FIRE's per-layer 1 -> width -> H bias MLP."""
-    fire_init_c: float = 0.1
-    """Initial value of FIRE's learnable log-transform scale c."""
-    fire_init_threshold: float = 512.0
-    """FIRE's L~ = |lambda * this|, with lambda initialised to 1."""
-    randrope_max_len: int | None = None
-    """RandPE draws training positions from [0, randrope_max_len); None means 2 x model.max_seq_len."""
-    randrope_eval: Literal["sample", "expected"] = "sample"
-    """RandPE in eval mode at length N, over [0, R), R = floor(N x randrope_max_len / model.max_seq_len) = 2N by
-    default (the training gap; 0..N-1 would halve every distance): sample (the official code's [0, 2N)): N sorted
-    distinct positions drawn per row (shared by every layer), seeded by randrope_eval_seed; expected: the evenly
-    spaced floor(i R / N), i.e. 2i by default, without a draw."""
-    randrope_eval_seed: int = 0
-    """Seed of RandPE's eval-mode draws: eval mode never touches the global RNG and is a function of its input."""
-
-
-@dataclass
-class ModelConfig:
-    preset: str | None = "tiny"
-    """Size preset (tiny, paper-155m, 350m, 760m, 1.3b, 7b); explicit fields below override it."""
-    vocab_size: int | None = None
-    """Vocabulary size; None takes the preset's, or the dataset tokenizer's when training."""
-    hidden_size: int | None = None
-    """Model width d = num_heads x head_dim."""
-    num_layers: int | None = None
-    """Number of decoder blocks L."""
-    num_heads: int | None = None
-    """Attention heads H (no grouped-query attention)."""
-    ffn_hidden_size: int | None = None
-    """SwiGLU inner width d_ff."""
-    max_seq_len: int | None = None
-    """Longest training sequence; sizes RandPE's range and TAPE's random offset."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    init_std: float = 0.02
-    """Standard deviation of the normal initialisation of linear and embedding weights."""
-    positional: PositionalConfig = field(default_factory=PositionalConfig)
-    """The positional encoding, a named sub-config."""
-    init_from: str | None = None
-    """Start from the weights of an export directory (tape-pretrain export) instead of random init."""
-    attention: Literal["causal", "document"] = "causal"
-    """causal: every token sees all earlier tokens of its training window, across document boundaries, at positions
-    0..N-1 of the window. document: a token sees only its own document (block-causal) and positions restart at 0 at
-    each document start, for every encoding; needs a dataset whose prep recorded document offsets."""
+# The model's own dataclasses live beside the model code (exports ship them); re-exported as the config tree's.
+from tape_pretrain.models.model_config import POSITIONAL_NAMES as POSITIONAL_NAMES
+from tape_pretrain.models.model_config import ConfigError as ConfigError
+from tape_pretrain.models.model_config import ModelConfig as ModelConfig
+from tape_pretrain.models.model_config import PositionalConfig as PositionalConfig
 
 
 @dataclass
@@ -214,7 +146,7 @@ class TrainerConfig:
     cudnn_attention: bool = False
     """Let SDPA dispatch training attention to cuDNN's kernel on CUDA. Off by default: on an H200 (torch 2.11,
     cuDNN 9.19) its backward gave gradients off by O(1) when d(out) was laid out unlike out, the layout the model
-    produced (models.positional.base.gradient_in_output_layout now aligns it); turn it on once
+    produced (models.positional_base.gradient_in_output_layout now aligns it); turn it on once
     `tape-pretrain bench gpu`'s model_grads section passes with it on your stack."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU. bf16 also runs on CPU (slowly; the tests use it to check bf16 numerics)."""

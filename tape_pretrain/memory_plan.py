@@ -46,8 +46,8 @@ import warnings
 from dataclasses import dataclass
 
 from tape_pretrain.config import ConfigError, ModelConfig
-from tape_pretrain.models.positional.blocked_bias import block_plan
-from tape_pretrain.models.positional.tape import resolve_attention_form
+from tape_pretrain.models.blocked_bias import block_plan
+from tape_pretrain.models.tape import resolve_attention_form
 
 ENGINES = ("deepspeed", "fsdp2", "ddp")
 PRECISIONS = ("fp32", "bf16")

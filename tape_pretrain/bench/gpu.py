@@ -39,7 +39,7 @@ from tape_pretrain.distributed.device_report import (
     model_dtype,
     sdpa_choice,
 )
-from tape_pretrain.models.positional.base import allow_cudnn_attention
+from tape_pretrain.models.positional_base import allow_cudnn_attention
 from tape_pretrain.train.metrics import training_records
 
 # Launcher variables of this process (a world of one after init_distributed) must not reach the training runs it
@@ -139,7 +139,7 @@ class GpuCheck:
     def speed(self) -> None:
         from tape_pretrain.distributed.engine import lm_loss
         from tape_pretrain.models import build_model
-        from tape_pretrain.models.positional.tape import resolve_attention_form
+        from tape_pretrain.models.tape import resolve_attention_form
 
         o = self.options
         models = {}

@@ -13,8 +13,8 @@ from tape_pretrain.bench.timing import alternate, format_result
 from tape_pretrain.config import ModelConfig, PositionalConfig
 from tape_pretrain.distributed.engine import compile_blocks as compile_model_blocks
 from tape_pretrain.models import build_model
-from tape_pretrain.models.positional.tape import resolve_attention_form
 from tape_pretrain.models.presets import resolve_model_config
+from tape_pretrain.models.tape import resolve_attention_form
 
 TAPE_ATTENTION_FORMS = ("two_calls", "one_call")
 

@@ -268,7 +268,7 @@ def format_report(report: DeviceReport) -> str:
         lines.append(f"  {call.name:<13} q {list(call.q_shape)} v {list(call.v_shape)}: {call.backend}"
                      + (f" ({eligible})" if eligible else "") + f"  [{call.description}]")
     if report.attention:
-        from tape_pretrain.models.positional.tape import resolve_attention_form
+        from tape_pretrain.models.tape import resolve_attention_form
 
         *_, n, d = report.attention[0].q_shape
         device_type = "cuda" if s["device"] != "cpu" and "cpu" not in str(s["device"]).lower() else "cpu"
@@ -292,7 +292,7 @@ def _run(backend: SDPBackend, q, k, v, grad_out):
     with warnings.catch_warnings(), sdpa_kernel([backend]):
         warnings.simplefilter("ignore")  # "... not used because ..." for every backend that declines
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        # d(out) in out's own memory layout, as the model hands it (models.positional.base.attention): a kernel
+        # d(out) in out's own memory layout, as the model hands it (models.positional_base.attention): a kernel
         # is judged on the calls it really gets
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(grad_out))
     return out, grads

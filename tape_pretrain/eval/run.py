@@ -10,12 +10,16 @@ import torch
 
 from tape_pretrain.config import ConfigError
 from tape_pretrain.eval.perplexity import eval_device, eval_dtype, evaluate_lengths
-from tape_pretrain.train.export import load_export_model
+from tape_pretrain.train.export import export_to_evaluate, load_export_model
 
 
 def evaluate_command(args) -> dict:
+    lengths = _check_options(args)  # before anything loads: a typo costs no consolidation
     try:
-        return _evaluate(args)
+        with export_to_evaluate(args.checkpoint) as (export, default_out):
+            if args.out is None and default_out is not None:  # a checkpoint: never write inside it
+                args.out = str(default_out)
+            return _evaluate(args, export, lengths)
     except OSError as exc:  # a read-only or full run/cache/out directory
         if exc.filename is None:
             raise
@@ -25,9 +29,8 @@ def evaluate_command(args) -> dict:
                            "or beside the export: give a writable --out)") from None
 
 
-def _evaluate(args) -> dict:
-    source = Path(args.checkpoint)
-    export = source / "export" if (source / "export" / "config.json").exists() else source
+def _check_options(args) -> list[int]:
+    """The evaluation lengths; a ConfigError for any option out of range."""
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
@@ -39,6 +42,18 @@ def _evaluate(args) -> dict:
         if value is not None and value <= 0:
             raise ConfigError(f"{option} {value} must be a positive integer"
                               + (" (omit --stride for non-overlapping windows)" if option == "--stride" else ""))
+    return lengths
+
+
+def _evaluate(args, export: Path, lengths: list[int]) -> dict:
+    if args.task == "addition":
+        from tape_pretrain.eval.addition import addition_command
+
+        return addition_command(args, export, lengths)
+    if args.lm_eval is not None:
+        return lm_eval_command(args, export)
+    if args.data is None:
+        raise ConfigError("--data is required for --task perplexity: the prepared dataset whose val split is scored")
     passkey = passkey_plan(args, export, lengths) if args.passkey else None  # its errors before any evaluation
     import os
 
@@ -92,6 +107,22 @@ def _evaluate(args) -> dict:
         fig.savefig(out / "perplexity.png", dpi=120)
         plt.close(fig)
     return results
+
+
+def lm_eval_command(args, export: Path) -> dict:
+    from tape_pretrain.eval.harness import run_lm_eval
+
+    tasks = [task for task in args.lm_eval.split(",") if task]
+    if not tasks:
+        raise ConfigError("--lm-eval needs at least one task name")
+    if args.lm_eval_limit is not None and args.lm_eval_limit <= 0:
+        raise ConfigError(f"--lm-eval-limit {args.lm_eval_limit} must be positive")
+    device = eval_device(args.device)
+    out = Path(args.out) if args.out else export.parent
+    return run_lm_eval(export, tasks, out, include=args.lm_eval_include, device=str(device),
+                       dtype=eval_dtype(args.dtype, device), batch_size=args.batch_size,
+                       limit=args.lm_eval_limit, num_fewshot=args.lm_eval_fewshot,
+                       log_samples=args.lm_eval_log_samples)
 
 
 def check_tokenizer(export: Path, data: str, model_vocab: int, allow_mismatch: bool) -> None:

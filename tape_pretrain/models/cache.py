@@ -21,7 +21,7 @@ What each layer holds (every tensor [B, H, C, width], filled up to cache.length)
   never read, or tape_attention_update=false) keep only keys and values. The MLP-side update is per token: nothing
   of it is cached.
 
-RandPE (models.positional.randrope): eval-mode ``sample`` draws the positions of all N tokens anew for each length N,
+RandPE (models.randrope): eval-mode ``sample`` draws the positions of all N tokens anew for each length N,
 so a prefix's positions change as the sequence grows, and training mode draws them per forward: neither can be
 cached, and model.new_cache() refuses both with an error. Eval-mode ``expected`` positions floor(i R / N) are those of
 a prefix whenever randrope_max_len / max_seq_len is an integer r (then r i) or at most 1 (then i): the cache takes

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig
-from tape_pretrain.models.positional.tape import TAPELayer
+from tape_pretrain.models.tape import TAPELayer
 from tape_pretrain.models.transformer import Transformer
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tape_pretrain.config import ModelConfig
-from tape_pretrain.models.cache import DecodeCache, LayerCache
-from tape_pretrain.models.positional import REGISTRY, DocumentLayout, PositionalLayer
-from tape_pretrain.models.presets import resolve_model_config
+from .cache import DecodeCache, LayerCache
+from .model_config import ModelConfig, resolve_model_config
+from .positional import REGISTRY, DocumentLayout, PositionalLayer
 
 
 class RMSNorm(nn.Module):

@@ -1,17 +1,27 @@
-"""Consolidated exports: a directory with model.safetensors, config.json and tokenizer.model that loads
-without any training engine. RoPE exports use the Hugging Face Llama layout and load in stock transformers."""
+"""Consolidated exports: a directory that loads without any training engine, and in the Hugging Face ecosystem.
+
+model.safetensors (fp32), config.json, the tokenizer (tokenizer.model and the files AutoTokenizer reads) and a README
+model card. RoPE exports use the Hugging Face Llama layout and load as stock LlamaForCausalLM. Every other encoding
+loads with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True): config.json's auto_map names the
+project's own modeling_tape_pretrain.py, shipped byte for byte with the model modules it imports (models/), so the
+export computes what the project computes, where tape_pretrain is not installed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tape_pretrain import models
 from tape_pretrain.config import ConfigError, ModelConfig, to_dict
 from tape_pretrain.distributed.engine import engine_class
 from tape_pretrain.distributed.env import DistEnv
@@ -20,30 +30,82 @@ from tape_pretrain.models import Transformer, build_model
 from tape_pretrain.models.convert import to_hf_llama
 from tape_pretrain.models.presets import EXPORT_CONFIG, resolve_model_config_from
 from tape_pretrain.train.checkpoint import COMPLETE, CheckpointManager, verify_checkpoint
+from tape_pretrain.train.hf_tokenizer import write_hf_tokenizer
+from tape_pretrain.train.model_card import TrainingFacts, final_val_loss, model_card
 from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.utils.progress import Phases, format_duration
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", EXPORT_CONFIG, "tokenizer.model"
+WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", EXPORT_CONFIG, "tokenizer.model", "README.md"
+MODELS_PACKAGE = Path(models.__file__).parent
+MODELING_FILE = "modeling_tape_pretrain.py"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = (WEIGHTS, CONFIG, TOKENIZER, CARD)
+AUTO_MAP = {"AutoConfig": "configuration_tape_pretrain.TapePretrainConfig",
+            "AutoModelForCausalLM": "modeling_tape_pretrain.TapePretrainForCausalLM"}
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)  # what transformers follows
+
+
+def shipped_model_files() -> list[Path]:
+    """The project's modules that an export of a non-RoPE model carries: the Hugging Face wrapper and everything it
+    imports relatively, found as transformers' dynamic-module loader finds them (``from .name import``)."""
+    found, pending = [], [MODELS_PACKAGE / MODELING_FILE]
+    while pending:
+        path = pending.pop()
+        if path in found:
+            continue
+        found.append(path)
+        pending += [MODELS_PACKAGE / f"{name}.py" for name in _RELATIVE_IMPORT.findall(path.read_text())]
+    return sorted(found)
+
+
+def _special_token_ids(tokenizer_bytes: bytes | None) -> dict[str, int | None]:
+    if not tokenizer_bytes:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # what prep's tokenizers use
+    from tape_pretrain.data.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_bytes(tokenizer_bytes).special_ids()
+    return {f"{name}_token_id": (ids[f"{name}_id"] if ids[f"{name}_id"] >= 0 else None) for name in ("bos", "eos",
+                                                                                                   "pad")}
 
 
 def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, out: Path,
-                tokenizer_bytes: bytes | None) -> None:
-    """Write an export directory from a full (unsharded) state dict in our naming."""
+                tokenizer_bytes: bytes | None, facts: TrainingFacts | None = None) -> None:
+    """Write an export directory from a full (unsharded) state dict in our naming: weights, a Hugging Face
+    config.json, the tokenizer (tokenizer.model and the files AutoTokenizer reads), the model card, and for every
+    encoding but RoPE (stock Llama) the modeling code. Files of a previous export that this one does not write are
+    removed (only those: the directory may hold the user's own files)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     model_config = dataclasses.replace(model_config, init_from=None)
-    meta = {"tape_pretrain": to_dict(model_config)}
+    meta = {"tape_pretrain": to_dict(model_config), **_special_token_ids(tokenizer_bytes)}
+    model = build_model(model_config)
+    model.load_state_dict(state)
     if model_config.positional.name == "rope":
-        model = build_model(model_config)
-        model.load_state_dict(state)
         hf_state, hf_config = to_hf_llama(model)
-        save_file(hf_state, out / WEIGHTS, metadata={"format": "pt"})
         meta.update(hf_config)
+        code: list[Path] = []
     else:
-        save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+        hf_state = {f"model.{k}": v for k, v in state.items()}
+        c = model.config  # the standard names, for tools that read config.json itself (the class derives them too)
+        meta.update({"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+                     "num_attention_heads": c.num_heads, "intermediate_size": c.ffn_hidden_size,
+                     "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps})
+        meta.update({"architectures": ["TapePretrainForCausalLM"], "model_type": "tape_pretrain", "auto_map": AUTO_MAP,
+                     "tie_word_embeddings": False, "torch_dtype": "float32"})
+        code = shipped_model_files()
+    stale = [p for p in out.glob("*.py") if p.name in {f.name for f in MODELS_PACKAGE.glob("*.py")}]
+    for path in stale:  # a previous export's modeling code (say, of another encoding)
+        path.unlink()
+    for name in (*EXPORT_FILES, *TOKENIZER_FILES):
+        (out / name).unlink(missing_ok=True)
+    save_file(hf_state, out / WEIGHTS, metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    for path in code:
+        shutil.copyfile(path, out / path.name)
     if tokenizer_bytes:
-        (out / TOKENIZER).write_bytes(tokenizer_bytes)
+        write_hf_tokenizer(out, tokenizer_bytes)
+    parameters = sum(p.numel() for p in model.parameters())
+    (out / CARD).write_text(model_card(model.config, parameters, facts or TrainingFacts()))
 
 
 def load_export_model(directory: str) -> Transformer:
@@ -101,7 +163,6 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Non
         _export(path, state, out, phases)
 
 
-EXPORT_FILES = (WEIGHTS, CONFIG, TOKENIZER)
 
 
 def _check_export_destination(out: Path, overwrite: bool) -> None:
@@ -120,7 +181,26 @@ def _check_export_destination(out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an export there")
 
 
+@dataclasses.dataclass
+class Consolidated:
+    """A checkpoint as one process holds it: full fp32 weights in our naming, and what an export records."""
+
+    weights: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    tokenizer: bytes | None
+    facts: TrainingFacts
+
+
 def _export(path: Path, state: dict, out: str, phases: Phases) -> None:
+    found = consolidate(path, state, phases)
+    save_export(found.weights, found.model_config, Path(out), found.tokenizer, found.facts)
+    phases.done(f"wrote {out}")
+    print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out} in "
+          f"{format_duration(phases.elapsed())}")
+
+
+def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
+    """A verified checkpoint's full weights, whatever its engine and world size, with its tokenizer and facts."""
     model_config = resolve_model_config_from(state["model"])
     # Built as the run built its model (its seed, or its model.init_from): parameters that a checkpoint lacks
     # (DeepSpeed does not save frozen ones) get the values the run started from, which, frozen, it still had.
@@ -160,9 +240,62 @@ def _export(path: Path, state: dict, out: str, phases: Phases) -> None:
             tokenizer = read_bytes(fs, join(root, TOKENIZER))
         except (OSError, ValueError, RuntimeError):
             print(f"warning: tokenizer of {data_path} not reachable; export has no tokenizer.model")
-    for name in EXPORT_FILES:  # only now, with the new export in hand: a stale tokenizer.model must not survive
-        (Path(out) / name).unlink(missing_ok=True)
-    save_export(weights, model_config, Path(out), tokenizer)
-    phases.done(f"wrote {out}")
-    print(f"exported {path} (step {state['step']}, {state['engine']}, {state['world_size']} rank(s)) to {out} in "
-          f"{format_duration(phases.elapsed())}")
+    return Consolidated(weights, model_config, tokenizer, _checkpoint_facts(path, state))
+
+
+def _checkpoint_facts(path: Path, state: dict) -> TrainingFacts:
+    """Steps, tokens and data from the checkpoint; the val loss and eval table from its run directory when the
+    checkpoint sits in one (RUN/checkpoints/step_N) locally."""
+    step = int(state["step"])
+    batch_tokens = state.get("config", {}).get("trainer", {}).get("global_batch_tokens")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    eval_md = run_dir / "eval.md" if run_dir is not None else None
+    return TrainingFacts(
+        steps=step, tokens=step * batch_tokens if isinstance(batch_tokens, int) else None,
+        data_fingerprint=state.get("loader", {}).get("fingerprint"),
+        final_val_loss=final_val_loss(run_dir / "metrics.jsonl", up_to_step=step) if run_dir is not None else None,
+        eval_table=eval_md.read_text() if eval_md is not None and eval_md.is_file() else None)
+
+
+@contextlib.contextmanager
+def export_to_evaluate(source: str) -> Iterator[tuple[Path, Path | None]]:
+    """(export directory, default results directory or None for "beside the export") for what ``eval`` is given: a
+    run directory with an export, an export, or a checkpoint (a step directory, or a run directory without an
+    export: its newest complete one), consolidated through its engine into a temporary export for the duration."""
+    path = Path(source)
+    if (path / "export" / CONFIG).is_file():
+        yield path / "export", None
+        return
+    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+        yield path, None
+        return
+    if "://" not in source and not (path / COMPLETE).exists() and not (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{source}: not a run directory, an export ({CONFIG} and {WEIGHTS}) or a checkpoint "
+                              f"(a directory with {COMPLETE})")
+    with tempfile.TemporaryDirectory(prefix="tape_pretrain_eval_") as staging:
+        checkpoint, state = _find_checkpoint(source, str(Path(staging) / "checkpoint"))
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+        if "://" in source:
+            run_dir = None  # a remote run's checkpoint was downloaded into the staging directory
+        phases = Phases("eval")
+        export = Path(staging) / "export"
+        _export(checkpoint, state, str(export), phases)
+        yield export, (run_dir / "eval" / checkpoint.name) if run_dir is not None else None
+
+
+def push_to_hub(directory: str, repo_id: str, private: bool) -> None:
+    """Upload an export to the Hugging Face Hub (created if missing), with the token huggingface_hub finds."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ConfigError("--push-to-hub needs huggingface_hub (pip install huggingface_hub)") from None
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=directory, repo_id=repo_id, repo_type="model",
+                          commit_message="Upload a tape_pretrain export")
+    except Exception as exc:  # the hub's HTTP, auth and validation errors have no common base we could name
+        from tape_pretrain.errors import StorageError
+
+        raise StorageError(f"--push-to-hub {repo_id}: {type(exc).__name__}: {exc}") from None
+    print(f"pushed {directory} to https://huggingface.co/{repo_id}")

@@ -22,7 +22,7 @@ from tape_pretrain.distributed.engine import Engine, build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
 from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.models import build_model
-from tape_pretrain.models.positional.base import allow_cudnn_attention
+from tape_pretrain.models.positional_base import allow_cudnn_attention
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.initial_weights import model_source
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
@@ -409,11 +409,16 @@ class Trainer:
         from tape_pretrain.data.manifest import TOKENIZER
         from tape_pretrain.data.storage import join, open_url, read_bytes
         from tape_pretrain.train.export import save_export
+        from tape_pretrain.train.model_card import TrainingFacts, final_val_loss
 
         state = self.engine.full_state_dict()
         if self.env.is_main:
             fs, root = open_url(self.data.sources[0].url, self.config.data.storage_options)
-            save_export(state, self.model_config, self.run_dir / "export", read_bytes(fs, join(root, TOKENIZER)))
+            facts = TrainingFacts(steps=self.step, tokens=self.step * self.config.trainer.global_batch_tokens,
+                                  data_fingerprint=self.fingerprint,
+                                  final_val_loss=final_val_loss(self.run_dir / "metrics.jsonl"))
+            save_export(state, self.model_config, self.run_dir / "export", read_bytes(fs, join(root, TOKENIZER)),
+                        facts)
             self.run_directory.upload([f"export/{p.name}" for p in sorted((self.run_dir / "export").iterdir())])
         barrier(self.env)
 

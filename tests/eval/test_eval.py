@@ -375,7 +375,11 @@ def test_eval_refuses_a_dataset_of_another_tokenizer(dataset_path, tmp_path, cap
     save_export(model.state_dict(), model.config, tmp_path / "same", own)
     assert main(["eval", str(tmp_path / "same"), *args]) == 0
     capsys.readouterr()  # its progress line (one per length) on stderr
-    save_export(model.state_dict(), model.config, tmp_path / "other", own + b"\0")  # another tokenizer's bytes
+    from sentencepiece import sentencepiece_model_pb2
+
+    other = sentencepiece_model_pb2.ModelProto.FromString(own)
+    other.pieces[300].score -= 1.0  # another tokenizer of the same vocabulary
+    save_export(model.state_dict(), model.config, tmp_path / "other", other.SerializeToString())
     assert main(["eval", str(tmp_path / "other"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenized with another tokenizer" in err, err

@@ -7,9 +7,9 @@ import torch
 
 from tape_pretrain.config import PositionalConfig
 from tape_pretrain.models import build_model
+from tape_pretrain.models.alibi import alibi_bias, alibi_distance_table, alibi_slopes
 from tape_pretrain.models.positional import REGISTRY
-from tape_pretrain.models.positional.alibi import alibi_bias, alibi_distance_table, alibi_slopes
-from tape_pretrain.models.positional.base import rotary_frequencies, rotary_tables
+from tape_pretrain.models.positional_base import rotary_frequencies, rotary_tables
 from tests.models.test_tape_properties import tiny_config
 
 TOL = dict(rtol=1e-9, atol=1e-12)

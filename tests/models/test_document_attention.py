@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 from tape_pretrain.config import ModelConfig, PositionalConfig
-from tape_pretrain.models import build_model
-from tape_pretrain.models.positional import REGISTRY, DocumentLayout, base, blocked_bias
-from tape_pretrain.models.positional.base import (
+from tape_pretrain.models import blocked_bias, build_model
+from tape_pretrain.models import positional_base as base
+from tape_pretrain.models.positional import REGISTRY, DocumentLayout
+from tape_pretrain.models.positional_base import (
     _GradientInOutputLayout,
     compiled_flex_attention,
     document_attention_kernel,
@@ -19,8 +20,8 @@ from tape_pretrain.models.positional.base import (
     rotary_frequencies,
     rotary_tables,
 )
-from tape_pretrain.models.positional.randrope import sorted_random_positions
-from tape_pretrain.models.positional.tape import causal_attention_in_blocks
+from tape_pretrain.models.randrope import sorted_random_positions
+from tape_pretrain.models.tape import causal_attention_in_blocks
 from tests.models.memory_probe import peak_bytes
 from tests.models.test_tape_properties import tiny_config
 

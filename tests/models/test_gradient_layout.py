@@ -6,8 +6,8 @@ import torch
 from tape_pretrain.config import POSITIONAL_NAMES, ModelConfig, PositionalConfig, RunConfig
 from tape_pretrain.distributed.engine import lm_loss
 from tape_pretrain.models import build_model
-from tape_pretrain.models.positional import base
-from tape_pretrain.models.positional.base import _GradientInOutputLayout, gradient_in_output_layout
+from tape_pretrain.models import positional_base as base
+from tape_pretrain.models.positional_base import _GradientInOutputLayout, gradient_in_output_layout
 
 
 def test_gradient_reaches_the_kernel_in_the_output_layout():

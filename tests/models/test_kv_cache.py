@@ -9,9 +9,9 @@ import torch
 from tape_pretrain.config import PositionalConfig
 from tape_pretrain.eval import passkey
 from tape_pretrain.models import build_model
+from tape_pretrain.models.blocked_bias import CPU_MAX_CAUSAL_BLOCK_ROWS
 from tape_pretrain.models.positional import REGISTRY
-from tape_pretrain.models.positional.blocked_bias import CPU_MAX_CAUSAL_BLOCK_ROWS
-from tape_pretrain.models.positional.tape import resolve_decoding_form
+from tape_pretrain.models.tape import resolve_decoding_form
 from tests.models.test_tape_properties import tiny_config
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}

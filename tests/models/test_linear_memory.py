@@ -1,5 +1,5 @@
 """Every encoding's memory grows linearly in N, and ALiBi's and FIRE's attention per block of queries
-(models.positional.blocked_bias) equals the full-matrix attention it replaced: outputs and gradients."""
+(models.blocked_bias) equals the full-matrix attention it replaced: outputs and gradients."""
 
 import math
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from tape_pretrain.config import ModelConfig, PositionalConfig
-from tape_pretrain.models import build_model
-from tape_pretrain.models.positional import REGISTRY, blocked_bias
-from tape_pretrain.models.positional.alibi import ALiBiLayer, alibi_slopes
-from tape_pretrain.models.positional.fire import FIRELayer
+from tape_pretrain.models import blocked_bias, build_model
+from tape_pretrain.models.alibi import ALiBiLayer, alibi_slopes
+from tape_pretrain.models.fire import FIRELayer
+from tape_pretrain.models.positional import REGISTRY
 from tests.models.memory_probe import peak_bytes, peak_forward_bytes
 
 HEADS, HEAD_DIM, WIDTH = 4, 16, 32

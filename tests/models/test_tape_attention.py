@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tape_pretrain.config import ConfigError, PositionalConfig, from_dict
-from tape_pretrain.models.positional import tape as tape_module
-from tape_pretrain.models.positional.tape import resolve_attention_form
+from tape_pretrain.models import tape as tape_module
+from tape_pretrain.models.tape import resolve_attention_form
 from tests.models.test_tape_properties import initial_state, run_layers, tape_model
 
 

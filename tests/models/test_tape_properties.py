@@ -7,7 +7,7 @@ import torch
 
 from tape_pretrain.config import ModelConfig, PositionalConfig
 from tape_pretrain.models import build_model
-from tape_pretrain.models.positional.base import apply_rotary
+from tape_pretrain.models.positional_base import apply_rotary
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 

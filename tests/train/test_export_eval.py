@@ -69,3 +69,22 @@ def test_eval_under_torchrun_equals_one_process(rope_run, dataset_path, tmp_path
     for length in ("32", "64"):
         assert two[length]["tokens"] == one[length]["tokens"] > 1000
         assert two[length]["loss"] == pytest.approx(one[length]["loss"], rel=1e-9)
+
+
+def test_eval_of_a_checkpoint_equals_eval_of_its_export(rope_run, dataset_path, tmp_path):
+    """A checkpoint step directory is consolidated through its engine on the fly; results land in RUN/eval/step_N,
+    never inside the checkpoint, and equal the end-of-run export's (the last checkpoint is the final weights)."""
+    import json
+
+    from tape_pretrain.cli import main
+
+    checkpoint = sorted((rope_run / "checkpoints").glob("step_*"))[-1]
+    files_before = sorted(p.name for p in checkpoint.rglob("*"))
+    options = ["--data", dataset_path, "--lengths", "32", "--max-tokens", "640"]
+    main(["eval", str(checkpoint), *options])
+    main(["eval", str(rope_run / "export"), *options, "--out", str(tmp_path / "export")])
+    from_checkpoint = json.loads((rope_run / "eval" / checkpoint.name / "eval.json").read_text())
+    from_export = json.loads((tmp_path / "export" / "eval.json").read_text())
+    assert from_checkpoint["32"]["tokens"] == from_export["32"]["tokens"] == 640
+    assert from_checkpoint["32"]["loss"] == pytest.approx(from_export["32"]["loss"], abs=1e-6)
+    assert sorted(p.name for p in checkpoint.rglob("*")) == files_before

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tape_pretrain.models.positional.base import (
+from .positional_base import (
     DocumentLayout,
     PositionalEncoding,
     PositionalLayer,

@@ -16,7 +16,7 @@ range scales with N, R = floor(N x M / max_seq_len), which is the official code'
 - ``expected``: the evenly spaced positions floor(i R / N), i.e. 2i at the default M: the mean training gap,
   without a draw.
 
-Document mode (a row packing several documents, models.positional.base.DocumentLayout): a token at position p of its
+Document mode (a row packing several documents, models.positional_base.DocumentLayout): a token at position p of its
 document gets the row's p-th smallest drawn position (training and ``sample``: draw.gather(1, p), draw [B, N] the row's
 sorted draw), so every document of a row restarts at the row's first drawn position and keeps the row's gaps (about
 M / N in training). A document of length n run alone would spread its n positions over all of [0, M) instead (gaps
@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import torch
 
-from tape_pretrain.config import ConfigError
-from tape_pretrain.models.positional.rope import RoPE
+from .model_config import ConfigError
+from .rope import RoPE
 
 
 def sorted_random_positions(batch_size: int, seq_len: int, limit: int, device=None, generator=None) -> torch.Tensor:

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer
-from tape_pretrain.models.positional.blocked_bias import attention_in_query_blocks
+from .blocked_bias import attention_in_query_blocks
+from .positional_base import PositionalEncoding, PositionalLayer
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def alibi_bias(table: torch.Tensor, query_positions: torch.Tensor, key_positions
 
 
 class ALiBiLayer(PositionalLayer):
-    """Attention with the bias built per block of queries (models.positional.blocked_bias): memory linear in N."""
+    """Attention with the bias built per block of queries (models.blocked_bias): memory linear in N."""
 
     def attend(self, q, k, v, positions, causal, documents=None):
         # Slopes rebuilt here, not a buffer: model.to(bf16) would round them.

@@ -5,7 +5,7 @@ A whole [1, H, N, N] bias (and FIRE's MLP over N x N x width) makes memory grow 
 rows builds only its own [1, H, R, K] bias, runs SDPA on it and drops it. R is cut so that a block holds at most
 BLOCK_BYTES, so the live extra memory is at most one block's plus the [B, H, N, D] output: bounded, then linear in
 N. Causal attention skips the keys after a block's last query (K = its last row + 1). In document mode (see
-models.positional.base.DocumentLayout) a block's bias also holds -inf across documents, so it is [B, H, R, K]: the
+models.positional_base.DocumentLayout) a block's bias also holds -inf across documents, so it is [B, H, R, K]: the
 encodings' bias_bytes_per_pair then count per batch row, and blocks get fewer rows.
 
 Under autograd the blocks' saved tensors (the bias SDPA keeps as its mask, FIRE's MLP activations, and on the CPU
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tape_pretrain.models.positional.base import attention
+from .positional_base import attention
 
 BLOCK_BYTES = 512 * 2**20
 """The most a block's transient tensors take: R = BLOCK_BYTES // (K * bytes per (query, key) pair). Large, because

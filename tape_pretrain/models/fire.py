@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tape_pretrain.models.positional.base import PositionalEncoding, PositionalLayer
-from tape_pretrain.models.positional.blocked_bias import attention_in_query_blocks
+from .blocked_bias import attention_in_query_blocks
+from .positional_base import PositionalEncoding, PositionalLayer
 
 NORMALISER_EPS = 1e-6
 """The official FIRE code's epsilon in the normaliser: keeps psi(max(i, L~)) away from 0 when c or L~ reach 0."""
@@ -117,7 +117,7 @@ class FIRE(PositionalEncoding):
         # cast_forward_inputs), which would round them. FIRE is relative only below L~: psi(max(i, L~)) depends on
         # the absolute query position i once i exceeds L~, so the offset is applied, not dropped; in document mode
         # i is the query's position in its document.
-        # Each layer builds its bias one block of queries at a time from these (models.positional.blocked_bias): a
+        # Each layer builds its bias one block of queries at a time from these (models.blocked_bias): a
         # [N, N] causal mask in the state made memory quadratic in N.
         if documents is not None:
             return documents.positions + offset  # [B, N] int64

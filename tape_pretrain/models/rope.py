@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tape_pretrain.models.positional.base import (
+from .positional_base import (
     DocumentLayout,
     PositionalEncoding,
     PositionalLayer,

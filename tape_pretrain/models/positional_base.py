@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from tape_pretrain.config import ModelConfig
+from .model_config import ModelConfig
 
 if TYPE_CHECKING:
-    from tape_pretrain.models.cache import LayerCache
+    from .cache import LayerCache
 
 State = Any  # each encoding's own state: None, a tensor or a tuple of tensors
 

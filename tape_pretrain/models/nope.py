@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tape_pretrain.models.positional.base import (
+from .positional_base import (
     PositionalEncoding,
     PositionalLayer,
     attention,
