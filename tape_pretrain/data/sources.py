@@ -5,6 +5,8 @@ SRC forms:
 - a path or URL, with globs: ``*.txt`` (one document per file), ``*.jsonl[.gz|.zst]`` (one per line),
   ``*.parquet`` (one per row); the text field is configurable (default ``text``)
 - ``builtin:python-stdlib``: the running Python's standard-library sources, present on every machine
+- ``builtin:addition[?max_digits=N&count=N&seed=N]``: generated addition problems, one per document
+  (tape_pretrain.data.addition); like a ``hf:`` dataset, one segment
 
 Segments: prep cuts the corpus into deterministic segments (``list_segments``), runs of consecutive input files
 whose stored sizes add up to at least ``segment_bytes`` (a ``hf:`` dataset is always one segment of its own), so
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tape_pretrain.data.addition import addition_documents, is_addition_source, parse_addition_spec
 from tape_pretrain.data.storage import open_url, read_bytes
 from tape_pretrain.errors import DataError, StorageError
 
@@ -56,7 +59,7 @@ def builtin_corpus(name: str) -> list[str]:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts]
         return sorted(str(p) for p in files)
-    raise DataError(f"builtin:{name}: unknown builtin corpus (known: python-stdlib)")
+    raise DataError(f"builtin:{name}: unknown builtin corpus (known: python-stdlib, addition)")
 
 
 def _decode(raw: bytes, stats: SourceStats) -> str:
@@ -218,9 +221,11 @@ def iter_documents(specs: list[str], text_field: str = "text", stats: SourceStat
     ``stats`` (a document counts once per kind of repair)."""
     stats = stats if stats is not None else SourceStats()
     for spec in specs:
-        if spec.startswith("builtin:"):
-            inner: Iterator[str] = (d for path in builtin_corpus(spec.removeprefix("builtin:"))
-                                    for d in _file_documents(path, text_field, stats, None))
+        if is_addition_source(spec):
+            inner: Iterator[str] = addition_documents(spec)
+        elif spec.startswith("builtin:"):
+            inner = (d for path in builtin_corpus(spec.removeprefix("builtin:"))
+                     for d in _file_documents(path, text_field, stats, None))
         elif spec.startswith("hf:"):
             inner = _hf_documents(spec, text_field)
         else:
@@ -239,7 +244,7 @@ class Segment:
     files: tuple[tuple[str, str, int], ...] = ()
     """(input spec, file path, stored size in bytes), in corpus order."""
     hf: str = ""
-    """A ``hf:`` input read whole, instead of files."""
+    """A ``hf:`` input (or a generated ``builtin:addition`` corpus) read whole, instead of files."""
 
     @property
     def num_bytes(self) -> int:
@@ -267,7 +272,9 @@ def list_segments(specs: list[str], segment_bytes: int, storage_options=None) ->
             pending, pending_bytes = [], 0
 
     for spec in specs:
-        if spec.startswith("hf:"):
+        if spec.startswith("hf:") or is_addition_source(spec):
+            if is_addition_source(spec):
+                parse_addition_spec(spec)  # a bad spec fails with the listing, before prep touches --out
             close()
             segments.append(Segment(len(segments), hf=spec))
             continue
@@ -288,7 +295,9 @@ def iter_segment_documents(segment: Segment, text_field: str, stats: SourceStats
                            storage_options=None) -> Iterator[str]:
     """The normalized documents of one segment, exactly as ``iter_documents`` yields them within the corpus."""
     if segment.hf:
-        yield from _normalized(_hf_documents(segment.hf, text_field), stats)
+        generated = is_addition_source(segment.hf)
+        inner = addition_documents(segment.hf) if generated else _hf_documents(segment.hf, text_field)
+        yield from _normalized(inner, stats)
         return
 
     def inner() -> Iterator[str]:

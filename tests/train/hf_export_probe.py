@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+
 def probe(directory: Path) -> dict:
     inputs = torch.load(directory / "inputs.pt")
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
