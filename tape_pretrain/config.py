@@ -81,6 +81,10 @@ class OptimConfig:
     """Apply weight decay to embeddings and the output head too."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    trainable: list[str] = field(default_factory=lambda: ["all"])
+    """What trains; the rest stays frozen at its initial value. Each entry is a preset (all; tape: TAPE's MLP-side
+    state update, embeddings and RMSNorm weights; lora: reserved) or an fnmatch pattern over parameter names
+    (layers.*.mlp.*, lm_head.weight); a run resumes only with the same entries."""
 
 
 @dataclass
@@ -451,6 +455,11 @@ def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
 def validate(config: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     t = config.trainer
+    positional = config.model.positional
+    if not positional.interpolation > 0 or math.isinf(positional.interpolation):
+        raise ConfigError(f"model.positional.interpolation must be a positive factor, got {positional.interpolation}")
+    if positional.interpolation != 1.0 and positional.name in ("nope", "alibi", "fire"):
+        raise ConfigError(f"model.positional.interpolation scales rotary angles; {positional.name} has none")
     for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "seq_len", "log_interval"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"trainer.{name} must be positive, got {getattr(t, name)}")
@@ -535,6 +544,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"optim.eps must be positive, got {o.eps}")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError(f"optim.weight_decay and optim.grad_clip must be >= 0, got {o.weight_decay}, {o.grad_clip}")
+    from tape_pretrain.train.trainable import check_entries
+
+    check_entries(o.trainable)  # the rest needs the model: checked when the run builds it
     if not 10 <= config.checkpoint.lease_ttl_s <= 86_400:
         raise ConfigError(f"checkpoint.lease_ttl_s must be between 10 s and a day, got {config.checkpoint.lease_ttl_s}")
     if not config.parallel.timeout_s > 0:

@@ -101,10 +101,12 @@ class _Sizes:
 def plan_memory(config: ModelConfig, *, engine: str, zero_stage: int | None, world_size: int, micro_batch_size: int,
                 seq_len: int, precision: str = "bf16", activation_checkpointing: bool = False,
                 decay_embeddings: bool = False, replicate_degree: int = 1,
-                reshard_after_forward: bool = True) -> MemoryPlan:
+                reshard_after_forward: bool = True, trainable: tuple[str, ...] | list[str] = ("all",)) -> MemoryPlan:
     """Estimate the per-rank memory of one training step of ``config`` (see the module docstring).
     FSDP2 only: ``replicate_degree`` R > 1 is HSDP (each replica shards over world_size / R ranks);
-    ``reshard_after_forward=False`` keeps every block's gathered parameters from its forward to its backward."""
+    ``reshard_after_forward=False`` keeps every block's gathered parameters from its forward to its backward.
+    ``trainable`` (optim.trainable) sets Pt: the gradients, master weights and optimizer state; activations stay those
+    of training every weight (an upper bound: a frozen weight's input is not saved for its gradient)."""
     _validate(engine, zero_stage, world_size, micro_batch_size, seq_len, precision)
     if replicate_degree < 1 or world_size % replicate_degree:
         raise ConfigError(f"--replicate-degree {replicate_degree} must be at least 1 and divide --world {world_size}")
@@ -113,9 +115,11 @@ def plan_memory(config: ModelConfig, *, engine: str, zero_stage: int | None, wor
     import torch
 
     from tape_pretrain.models import build_model
+    from tape_pretrain.train.trainable import apply_trainable, trainable_names
 
     with torch.device("meta"):  # shapes only
         model = build_model(config)
+    apply_trainable(model, trainable_names(model, trainable, model.config))
     sizes = _sizes(model, decay_embeddings)
     s = 4 if precision == "fp32" else 2
     activations = activation_bytes(model, micro_batch_size, seq_len, s, activation_checkpointing)

@@ -145,4 +145,6 @@ def to_hf_llama(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
         "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": False, "attention_bias": False,
         "mlp_bias": False, "hidden_act": "silu", "torch_dtype": "float32",
     }
+    if c.positional.interpolation != 1.0:  # linear position interpolation is Llama's "linear" rope scaling
+        hf_config["rope_scaling"] = {"rope_type": "linear", "factor": c.positional.interpolation}
     return sd, hf_config

@@ -54,6 +54,9 @@ class PositionalConfig:
     spaced floor(i R / N), i.e. 2i by default, without a draw."""
     randrope_eval_seed: int = 0
     """Seed of RandPE's eval-mode draws: eval mode never touches the global RNG and is a function of its input."""
+    interpolation: float = 1.0
+    """Linear position interpolation (PI): rotary angles are those of position / interpolation, for RoPE, RandPE,
+    xPos's rotation and TAPE's initial state (2 extends a model trained at N to 2N); 1 leaves positions as they are."""
 
 
 @dataclass

@@ -32,13 +32,14 @@ if TYPE_CHECKING:
 State = Any  # each encoding's own state: None, a tensor or a tuple of tensors
 
 
-def rotary_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:
-    """theta_f = base^(-2f/D) for f < D/2, in float64.
+def rotary_frequencies(head_dim: int, base: float, device=None, interpolation: float = 1.0) -> torch.Tensor:
+    """theta_f = base^(-2f/D) / interpolation for f < D/2, in float64: angles n theta_f are those of position
+    n / interpolation (linear position interpolation; exactly the plain frequencies at 1).
 
     Encodings build their constants in ``initial_state`` rather than holding them as buffers: a buffer is cast by
     ``model.to(torch.bfloat16)`` or an engine's ``module.bfloat16()``, which rounds theta by up to 0.4 % (about
     2.8 rad of phase at position 1023)."""
-    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim) / interpolation
 
 
 def rotary_tables(positions: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype):

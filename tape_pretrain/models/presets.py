@@ -39,6 +39,10 @@ def resolve_model_config_from(source: ModelSource, *, vocab_size: int | None = N
         model = dataclasses.replace(source.model)
         if model.max_seq_len is None:
             model.max_seq_len = source.trainer.seq_len
+        from tape_pretrain.models.llama_import import is_hf_llama, with_llama_shape
+
+        if is_hf_llama(model.init_from):  # its sizes, not a preset's
+            model = with_llama_shape(model)
     elif isinstance(source, ModelConfig):
         model = dataclasses.replace(source)
     elif isinstance(source, Mapping):

@@ -47,6 +47,7 @@ class RoPE(PositionalEncoding):
 
     def tables(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The state (cos, sin), each [1 or B, 1, N, F], of integer positions [1 or B, N]."""
-        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, positions.device)
+        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, positions.device,
+                                   self.config.positional.interpolation)
         cos, sin = rotary_tables(positions, theta, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)  # [1 or B, 1, N, F]

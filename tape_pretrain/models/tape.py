@@ -227,7 +227,8 @@ class TAPE(PositionalEncoding):
             positions = torch.arange(offset, offset + seq_len, device=device)  # [N]
         else:
             positions = (documents.positions + offset).unsqueeze(1)  # [B, 1, N]: each token's place in its document
-        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device)
+        theta = rotary_frequencies(self.head_dim, self.config.positional.rope_base, device,
+                                   self.config.positional.interpolation)
         cos, sin = rotary_tables(positions, theta, dtype)  # [N, F] or [B, 1, N, F]
         cs = torch.cat((cos, sin), dim=-1)  # [N, 2F] or [B, 1, N, 2F]
         # Materialised, not expand()ed: a stride-0 value tensor is not safe for every SDPA backend (cuDNN's layout

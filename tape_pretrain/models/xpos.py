@@ -34,7 +34,7 @@ class XPos(PositionalEncoding):
         # A per-frequency scale commutes with the rotation of its (f, f+F) pair, so it folds into the tables.
         # Everything in float64 from integer positions; only the four tables are cast.
         d = self.head_dim
-        theta = rotary_frequencies(d, self.config.positional.rope_base, device)
+        theta = rotary_frequencies(d, self.config.positional.rope_base, device, self.config.positional.interpolation)
         zeta = (torch.arange(0, d, 2, dtype=torch.float64, device=device) + 0.4 * d) / (1.4 * d)  # (2f+0.4D)/1.4D
         if documents is None:
             positions = torch.arange(offset, offset + seq_len, device=device).unsqueeze(0)  # [1, N]

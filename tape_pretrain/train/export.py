@@ -207,13 +207,20 @@ def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
     run_config = state.get("config", {})
     torch.manual_seed(int(run_config.get("seed", 0)))
     model = build_model(model_config)
-    init_from = run_config.get("model", {}).get("init_from")
-    if init_from and (Path(init_from) / WEIGHTS).is_file():
+    init_from, init_error = run_config.get("model", {}).get("init_from"), None
+    if init_from:
+        from tape_pretrain.train.initial_weights import model_source
+
         try:
-            load_export_weights(model, init_from)
-        except CheckpointError as exc:  # only frozen parameters' values are at stake: never read by the model
-            print(f"warning: model.init_from of the run is unusable ({exc}); frozen parameters missing from the "
-                  "checkpoint take their seeded initial values")
+            torch.manual_seed(int(run_config.get("seed", 0)))
+            model = model_source(dataclasses.replace(model_config, init_from=init_from)).build(complete=True)
+        except (CheckpointError, ConfigError, OSError) as exc:
+            init_error = f"model.init_from of the run ({init_from}) is unusable: {exc}"
+    from tape_pretrain.train.trainable import apply_trainable, trainable_names
+
+    # frozen as the run froze it (optim.trainable): engines leave such parameters out, or hold them rounded to bf16
+    apply_trainable(model, trainable_names(model, run_config.get("optim", {}).get("trainable", ["all"]),
+                                           model_config))
     try:
         engine = engine_class(state["engine"])
     except ConfigError:
@@ -226,6 +233,10 @@ def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
         frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
         if missing - frozen:
             raise CheckpointError(f"{path}: consolidated weights lack {sorted(missing - frozen)[:3]}")
+        if init_error and any(".positional." not in name for name in missing):
+            # a frozen backbone's values exist only in model.init_from: random ones would be a silent wrong export
+            raise CheckpointError(f"{path}: frozen parameters such as {sorted(missing)[0]} are not in the checkpoint "
+                                  f"and {init_error}")
         weights = {**{k: model_state[k] for k in missing}, **weights}
     phases.done(f"consolidated the {state['engine']} checkpoint of {state['world_size']} rank(s)")
     tokenizer = None

@@ -39,7 +39,7 @@ def _with_defaults_of_later_keys(saved_model: dict) -> dict:
 
 def resume_identity(config: RunConfig, vocab_size: int) -> dict:
     """What `Trainer.trainer_state` records of a run that a resumed run must match: the model, the global batch
-    and window length, the curriculum and the engine (compared by check_resume_compatible)."""
+    and window length, the curriculum, the engine and optim.trainable (compared by check_resume_compatible)."""
     model = to_dict(dataclasses.replace(resolve_run_model_config(config, vocab_size), init_from=None))
     for key in IMPLEMENTATION_ONLY_POSITIONAL_KEYS:
         model["positional"].pop(key, None)
@@ -49,13 +49,14 @@ def resume_identity(config: RunConfig, vocab_size: int) -> dict:
         "seq_len": config.trainer.seq_len,
         "curriculum": run_curriculum(config).fingerprint(),
         "engine": config.parallel.engine,
+        "trainable": list(config.optim.trainable),
     }
 
 
 def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> None:
     """Refuse to resume from a checkpoint whose trainer state `saved` differs from this run's resume identity
     `current` (see resume_identity), except in the checks named in `allowed` (checkpoint.allow_changes).
-    The engine is never waived: its checkpoint format differs."""
+    The engine and optim.trainable are never waived: its checkpoint format, or its optimizer state, differs."""
     saved_model = _with_defaults_of_later_keys(saved["model"])
     if "model" not in allowed and saved_model != current["model"]:
         diff = sorted(k for k in current["model"] if current["model"][k] != saved_model.get(k) and k != "positional")
@@ -77,3 +78,10 @@ def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> No
     if saved["engine"] != current["engine"]:
         raise CheckpointError(f"the checkpoint was written by {saved['engine']}, this run uses "
                               f"{current['engine']}: export it and start with model.init_from")
+    saved_trainable = saved.get("trainable", ["all"])  # written before optim.trainable existed: everything trained
+    if sorted(set(saved_trainable)) != sorted(set(current["trainable"])):
+        # never waived: the optimizer state holds exactly the parameters that trained
+        raise CheckpointError(f"the checkpoint trained optim.trainable=[{', '.join(saved_trainable)}], this run "
+                              f"asks for [{', '.join(current['trainable'])}]: its optimizer state would not fit; "
+                              "resume with the checkpoint's optim.trainable, or export it and start a new run with "
+                              "model.init_from")

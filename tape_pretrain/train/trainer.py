@@ -24,7 +24,7 @@ from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.models import build_model
 from tape_pretrain.models.positional_base import allow_cudnn_attention
 from tape_pretrain.train.checkpoint import CheckpointManager
-from tape_pretrain.train.initial_weights import model_source
+from tape_pretrain.train.initial_weights import check_pretrained_tokenizer, model_source
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
 from tape_pretrain.train.profiling import StepProfiler, format_duration, peak_memory_gib
 from tape_pretrain.train.resume import (
@@ -36,6 +36,7 @@ from tape_pretrain.train.resume import (
 from tape_pretrain.train.run_dir import RunDirectory
 from tape_pretrain.train.run_lock import lock_run_directory
 from tape_pretrain.train.schedule import Curriculum, learning_rate
+from tape_pretrain.train.trainable import apply_trainable, trainable_names, trainable_summary, with_trainable
 from tape_pretrain.train.training_data import TrainingData, load_training_data
 from tape_pretrain.utils.logs import close_progress_bar, log, progress_bar, setup_logging
 from tape_pretrain.utils.redact import redact, redact_text
@@ -102,11 +103,15 @@ def build_parts(config: RunConfig, env: DistEnv) -> TrainerParts:
     run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
     global_windows, grad_accum = batch_layout(config, env.world_size)
     data = load_training_data(config, env, global_windows)
+    if config.model.init_from:
+        check_pretrained_tokenizer(config.model.init_from, data.manifest.tokenizer["sha256"])
     model_config = resolve_run_model_config(config, int(data.manifest.tokenizer["vocab_size"]))
     with torch.device("meta"):  # built before seeding: construction draws a number
         flops_model = build_model(model_config, initialise=False)
+    trainable = trainable_names(flops_model, config.optim.trainable, model_config)
+    apply_trainable(flops_model, trainable)  # what trains, for the log line
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
-    engine = build_engine(model_source(model_config), config, env, grad_accum)
+    engine = build_engine(with_trainable(model_source(model_config), trainable), config, env, grad_accum)
     torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
     checkpoints = CheckpointManager(run_directory, env, config.checkpoint.keep_last, config.checkpoint.keep_every,
                                     config.checkpoint.allow_group_writable)
@@ -130,6 +135,8 @@ class Trainer:
         self.step = 0
         wandb_id = self._resume()
         self.log_file = setup_logging(env.rank, self.run_dir, config.logging.all_ranks)  # after an old run moved aside
+        if env.is_main:
+            log.info(trainable_summary(self.flops_model, config.optim.trainable))
         self.metrics = None
         if env.is_main:
             remote = self.run_directory
