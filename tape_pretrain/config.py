@@ -83,8 +83,15 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     trainable: list[str] = field(default_factory=lambda: ["all"])
     """What trains; the rest stays frozen at its initial value. Each entry is a preset (all; tape: TAPE's MLP-side
-    state update, embeddings and RMSNorm weights; lora: reserved) or an fnmatch pattern over parameter names
-    (layers.*.mlp.*, lm_head.weight); a run resumes only with the same entries."""
+    state update, embeddings and RMSNorm weights; lora: LoRA adapters, see lora_*, merged at export) or an fnmatch
+    pattern over parameter names (layers.*.mlp.*, lm_head.weight); a run resumes only with the same entries."""
+    lora_rank: int = 8
+    """With optim.trainable containing lora: the rank r of the LoRA adapters (peft) added to lora_targets."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: an adapter adds (lora_alpha / lora_rank) B A x to its layer's output."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """The linear layers of every block that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    down_proj)."""
 
 
 @dataclass
@@ -547,6 +554,10 @@ def validate(config: RunConfig) -> None:
     from tape_pretrain.train.trainable import check_entries
 
     check_entries(o.trainable)  # the rest needs the model: checked when the run builds it
+    if "lora" in o.trainable:
+        from tape_pretrain.train.lora import check_lora_options
+
+        check_lora_options(o)
     if not 10 <= config.checkpoint.lease_ttl_s <= 86_400:
         raise ConfigError(f"checkpoint.lease_ttl_s must be between 10 s and a day, got {config.checkpoint.lease_ttl_s}")
     if not config.parallel.timeout_s > 0:

@@ -17,6 +17,7 @@ def inspect_model(name_or_config: str, seq_len: int | None = None, positional: s
 
     names = [positional] if positional else ["rope", "tape"]
     lines, plans = [], {}
+    trainable = run_trainable(name_or_config)
     with torch.device("meta"):  # shapes only: a 7B model inspects instantly and without memory
         for name in names:
             config = resolve_model_config_from(name_or_config, positional=name)
@@ -30,10 +31,34 @@ def inspect_model(name_or_config: str, seq_len: int | None = None, positional: s
                 f"forward_flops_per_token@{n}={flops:,.0f} "
                 f"(d={c.hidden_size} L={c.num_layers} H={c.num_heads} d_ff={c.ffn_hidden_size} V={c.vocab_size})")
             if memory is not None:
-                plans[name] = plan_memory(config, seq_len=n, **memory)
+                plans[name] = _plan(config, n, memory, trainable, lines)
     if plans:
         lines += ["", memory_table(plans, n, **memory)]
     return "\n".join(lines)
+
+
+def run_trainable(name_or_config: str) -> list[str]:
+    """A run config file's optim.trainable (what the memory plan counts gradients and optimizer state for), without
+    LoRA's adapters (a few MiB at any rank worth using: the plan counts the rest as frozen); else [all]."""
+    from pathlib import Path
+
+    from tape_pretrain.config import load_config
+
+    path = Path(name_or_config)
+    if not path.is_file():
+        return ["all"]
+    entries = [entry for entry in load_config(path).optim.trainable if entry != "lora"]
+    return entries or ["embed_tokens.weight"]  # LoRA alone: next to nothing trains (the embedding stands in)
+
+
+def _plan(config, seq_len: int, memory: dict, trainable: list[str], lines: list[str]) -> MemoryPlan:
+    from tape_pretrain.config import ConfigError
+
+    try:
+        return plan_memory(config, seq_len=seq_len, trainable=trainable, **memory)
+    except ConfigError as exc:  # the run's selection names another encoding's parameters (the tape preset on rope)
+        lines.append(f"{config.positional.name:>8}: planned with every parameter trainable ({exc})")
+        return plan_memory(config, seq_len=seq_len, **memory)
 
 
 MEMORY_ROWS = (

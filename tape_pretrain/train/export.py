@@ -216,11 +216,16 @@ def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
             model = model_source(dataclasses.replace(model_config, init_from=init_from)).build(complete=True)
         except (CheckpointError, ConfigError, OSError) as exc:
             init_error = f"model.init_from of the run ({init_from}) is unusable: {exc}"
+    from tape_pretrain.config import OptimConfig, from_dict
+    from tape_pretrain.train.lora import add_lora, merge_lora, uses_lora
     from tape_pretrain.train.trainable import apply_trainable, trainable_names
 
+    optim = from_dict(OptimConfig, run_config.get("optim", {}), "optim")
+    lora = uses_lora(optim.trainable)
+    if lora:  # the run's structure: its checkpoint holds the adapters and the wrapped base weights
+        add_lora(model, optim)
     # frozen as the run froze it (optim.trainable): engines leave such parameters out, or hold them rounded to bf16
-    apply_trainable(model, trainable_names(model, run_config.get("optim", {}).get("trainable", ["all"]),
-                                           model_config))
+    apply_trainable(model, trainable_names(model, optim.trainable, model_config))
     try:
         engine = engine_class(state["engine"])
     except ConfigError:
@@ -238,6 +243,10 @@ def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
             raise CheckpointError(f"{path}: frozen parameters such as {sorted(missing)[0]} are not in the checkpoint "
                                   f"and {init_error}")
         weights = {**{k: model_state[k] for k in missing}, **weights}
+    if lora:
+        model.load_state_dict(weights, strict=True)
+        merge_lora(model)  # exported as the plain model
+        weights = model.state_dict()
     phases.done(f"consolidated the {state['engine']} checkpoint of {state['world_size']} rank(s)")
     tokenizer = None
     data = state.get("config", {}).get("data", {})

@@ -8,6 +8,7 @@ import dataclasses
 from tape_pretrain.config import ModelConfig, RunConfig, to_dict, with_later_defaults
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models.presets import resolve_model_config_from
+from tape_pretrain.train.lora import lora_identity, uses_lora
 from tape_pretrain.train.schedule import Curriculum
 
 
@@ -50,6 +51,7 @@ def resume_identity(config: RunConfig, vocab_size: int) -> dict:
         "curriculum": run_curriculum(config).fingerprint(),
         "engine": config.parallel.engine,
         "trainable": list(config.optim.trainable),
+        **({"lora": lora_identity(config.optim)} if uses_lora(config.optim.trainable) else {}),
     }
 
 
@@ -85,3 +87,6 @@ def check_resume_compatible(saved: dict, current: dict, allowed: set[str]) -> No
                               f"asks for [{', '.join(current['trainable'])}]: its optimizer state would not fit; "
                               "resume with the checkpoint's optim.trainable, or export it and start a new run with "
                               "model.init_from")
+    if saved.get("lora") != current.get("lora"):
+        raise CheckpointError(f"the checkpoint's LoRA adapters {saved.get('lora')} differ from this run's "
+                              f"{current.get('lora')} (optim.lora_*): resume with the checkpoint's settings")

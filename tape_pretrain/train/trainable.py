@@ -27,7 +27,8 @@ def _tape(model_config: ModelConfig) -> list[str]:
 
 
 def _lora(model_config: ModelConfig) -> list[str]:
-    raise ConfigError("optim.trainable: lora is not available yet")
+    # The adapters that train.lora adds (to a model built with them: "lora" in optim.trainable adds them).
+    return ["layers.*.lora_A.*", "layers.*.lora_B.*"]
 
 
 PRESETS: dict[str, Callable[[ModelConfig], list[str]]] = {"all": _all, "tape": _tape, "lora": _lora}

@@ -25,6 +25,7 @@ from tape_pretrain.models import build_model
 from tape_pretrain.models.positional_base import allow_cudnn_attention
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.initial_weights import check_pretrained_tokenizer, model_source
+from tape_pretrain.train.lora import add_lora, merged_state_dict, uses_lora, with_lora
 from tape_pretrain.train.metrics import MetricsWriter, float_hex, gpu_peak_flops
 from tape_pretrain.train.profiling import StepProfiler, format_duration, peak_memory_gib
 from tape_pretrain.train.resume import (
@@ -106,12 +107,16 @@ def build_parts(config: RunConfig, env: DistEnv) -> TrainerParts:
     if config.model.init_from:
         check_pretrained_tokenizer(config.model.init_from, data.manifest.tokenizer["sha256"])
     model_config = resolve_run_model_config(config, int(data.manifest.tokenizer["vocab_size"]))
+    source = model_source(model_config)
     with torch.device("meta"):  # built before seeding: construction draws a number
         flops_model = build_model(model_config, initialise=False)
+        if uses_lora(config.optim.trainable):
+            add_lora(flops_model, config.optim)
+            source = with_lora(source, config.optim)
     trainable = trainable_names(flops_model, config.optim.trainable, model_config)
     apply_trainable(flops_model, trainable)  # what trains, for the log line
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every engine
-    engine = build_engine(with_trainable(model_source(model_config), trainable), config, env, grad_accum)
+    engine = build_engine(with_trainable(source, trainable), config, env, grad_accum)
     torch.manual_seed(config.seed + 1 + env.rank)  # per-rank streams (RandPE, TAPE offsets)
     checkpoints = CheckpointManager(run_directory, env, config.checkpoint.keep_last, config.checkpoint.keep_every,
                                     config.checkpoint.allow_group_writable)
@@ -420,6 +425,8 @@ class Trainer:
 
         state = self.engine.full_state_dict()
         if self.env.is_main:
+            if uses_lora(self.config.optim.trainable):  # the adapters merged: the export is the plain model
+                state = merged_state_dict(state, self.model_config, self.config.optim)
             fs, root = open_url(self.data.sources[0].url, self.config.data.storage_options)
             facts = TrainingFacts(steps=self.step, tokens=self.step * self.config.trainer.global_batch_tokens,
                                   data_fingerprint=self.fingerprint,

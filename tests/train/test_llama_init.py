@@ -128,3 +128,108 @@ def _sha(directory: Path) -> str:
     import hashlib
 
     return hashlib.sha256((directory / "tokenizer.model").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, dataset_path, llama_dir):
+    """RoPE from the Llama with rank-4 LoRA on q, k, v, o (and the norms training too), 2 steps, one process, on DDP
+    (built whole) and FSDP2 (materialised on the meta device from initial_value): each run's engine model (adapters
+    unmerged), its end-of-run export and an export from its last checkpoint."""
+    import os
+    import signal
+
+    from tape_pretrain.distributed.env import free_port, init_distributed, shutdown
+    from tape_pretrain.train.export import export_checkpoint
+    from tape_pretrain.train.trainer import build_trainer
+
+    out = {}
+    for engine in ("ddp", "fsdp2"):
+        root = tmp_path_factory.mktemp(f"lora_{engine}")
+        config = llama_config(root, dataset_path, llama_dir, **{
+            "model.positional.name": "rope", "optim.trainable": ["lora", "*norm.weight"], "optim.lora_rank": 4,
+            "optim.lora_alpha": 8.0, "parallel.engine": engine, "optim.lr": 1e-2})
+        saved_env = dict(os.environ)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # the trainer's own
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        env = init_distributed(60)
+        try:
+            trainer = build_trainer(config, env)
+            trainer.run()
+            model = trainer.engine.module
+            state = {name.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                     .clone() for name, p in model.named_parameters()}  # DDP's wrapper prefix; FSDP2's DTensors
+            ids = torch.randint(4, 512, (2, 48), generator=torch.Generator().manual_seed(5))
+            with torch.no_grad():
+                logits = model(ids)
+        finally:
+            shutdown()
+            os.environ.clear()
+            os.environ.update(saved_env)  # the later tests' processes must not think they are rank 0 of a world
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        checkpoint = sorted((root / "run" / "checkpoints").glob("step_*"))[-1]
+        export_checkpoint(str(checkpoint), str(root / "offline"))
+        out[engine] = {"root": root, "state": state, "ids": ids, "logits": logits}
+    return out
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_lora_trains_adapters_only_and_exports_the_merged_stock_llama(lora_runs, llama_dir, engine):
+    from safetensors.torch import load_file
+
+    run = lora_runs[engine]
+    original = load_file(str(llama_dir / "model.safetensors"))
+    for name, value in run["state"].items():
+        plain = "model." + name.replace(".base_layer.", ".")
+        if ".lora_" in name:
+            assert name.endswith(("lora_A.default.weight", "lora_B.default.weight"))
+        elif name.endswith("norm.weight"):
+            assert not torch.equal(value, original[plain]), name  # trained
+        else:
+            expected = original["lm_head.weight" if name == "lm_head.weight" else plain]
+            if name.endswith(("k_proj.base_layer.weight", "v_proj.base_layer.weight")):  # 2 kv heads for 4 queries
+                expected = expected.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+            assert torch.equal(value, expected), name
+    assert any(".lora_B." in n and v.abs().max() > 0 for n, v in run["state"].items())  # B left zero: trained
+    exported = hf_llama(run["root"] / "run" / "export")  # merged: a stock Llama, no adapters
+    with torch.no_grad():
+        assert (exported(run["ids"]).logits - run["logits"]).abs().max().item() <= 1e-5
+    live = load_file(str(run["root"] / "run" / "export" / "model.safetensors"))
+    offline = load_file(str(run["root"] / "offline" / "model.safetensors"))
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+
+
+def test_lora_adapters_start_the_same_on_every_engine(lora_runs):
+    """A's initial values come from the seed and the name, not from peft's draws: a model built whole (DDP) and one
+    materialised from initial_value on the meta device (FSDP2) train the same (to reduction order)."""
+    ddp, fsdp2 = lora_runs["ddp"]["state"], lora_runs["fsdp2"]["state"]
+    assert ddp.keys() == fsdp2.keys()
+    for name in ddp:
+        assert (ddp[name] - fsdp2[name]).abs().max().item() <= 1e-5, name
+
+
+def test_lora_starts_as_the_base_model(tmp_path, dataset_path, llama_dir):
+    """B = 0: the adapted model built whole and the one materialised from initial_value are the Llama itself."""
+    from tape_pretrain.train.lora import with_lora
+
+    config = llama_config(tmp_path, dataset_path, llama_dir, **{
+        "model.positional.name": "rope", "optim.trainable": ["lora"], "optim.lora_targets": ["q_proj", "up_proj"]})
+    model_config = resolve_model_config_from(config, vocab_size=512)
+    source = with_lora(model_source(model_config), config.optim)
+    torch.manual_seed(0)
+    whole = source.build(complete=True).eval()
+    assert {n.split(".")[-4] for n, _ in whole.named_parameters() if ".lora_A." in n} == {"q_proj", "up_proj"}
+    torch.manual_seed(0)  # as the trainer seeds before any engine builds (the model draws its init seed)
+    with torch.device("meta"):
+        lazy = source.build(complete=False)
+    lazy = lazy.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, param in lazy.named_parameters():
+            param.copy_(source.initial_value(lazy, name, param.shape))
+    ids = torch.randint(4, 512, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = hf_llama(llama_dir)(ids).logits
+        assert (whole(ids) - reference).abs().max().item() <= 1e-5
+        assert (lazy(ids) - reference).abs().max().item() <= 1e-5
+    assert all(torch.equal(p, lazy.get_parameter(n)) for n, p in whole.named_parameters())
