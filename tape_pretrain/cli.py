@@ -96,6 +96,10 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from tape_pretrain.train.export import export_checkpoint
 
+    if args.push_to_hub:
+        from tape_pretrain.train.export import check_hub_repo_id
+
+        check_hub_repo_id(args.push_to_hub)
     export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     if args.push_to_hub:
         from tape_pretrain.train.export import push_to_hub

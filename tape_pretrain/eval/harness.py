@@ -69,10 +69,25 @@ def run_lm_eval(export: Path, tasks: list[str], out: Path, *, include: str | Non
     if unknown:
         raise ConfigError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (lm-eval's names, or tasks defined in "
                           "YAML files under --lm-eval-include)")
-    model_args = {"pretrained": str(export), "trust_remote_code": True, "dtype": LM_EVAL_DTYPES[dtype]}
-    results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
-                                      device=device, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
-                                      log_samples=log_samples)
+    model_args = {"pretrained": str(export), "trust_remote_code": True, "dtype": LM_EVAL_DTYPES[dtype],
+                  "prefix_token_id": _eos_id(export)}  # an empty context starts after EOS, as documents did
+    if batch_size > 1 and _has_generative_task(tasks, manager):
+        print(f"note: --batch-size {batch_size} -> 1: generation tasks pad prompts on the left, which the export "
+              "refuses (positions would count the padding)")
+        batch_size = 1
+    try:
+        results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
+                                          device=device, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
+                                          log_samples=log_samples)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise  # a file: eval names it
+        from tape_pretrain.errors import DataError
+
+        raise DataError(f"--lm-eval {','.join(tasks)}: {type(exc).__name__}: {exc} (lm-eval's tasks fetch their "
+                        "data from the Hugging Face Hub unless cached; local tasks: --lm-eval-include)") from None
+    if results is None:  # lm-eval returns None on ranks other than 0
+        return {}
     table = make_table(results)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,3 +96,23 @@ def run_lm_eval(export: Path, tasks: list[str], out: Path, *, include: str | Non
                                                  default=str))
     (out / "lm_eval.md").write_text(table)
     return results
+
+
+def _eos_id(export: Path) -> int:
+    """The end-of-document id the model saw between training documents (config.json's eos_token_id)."""
+    eos = json.loads((export / "config.json").read_text()).get("eos_token_id")
+    return eos if isinstance(eos, int) else 2
+
+
+def _has_generative_task(tasks: list[str], manager) -> bool:
+    if hasattr(manager, "load"):  # newer lm-eval: a flat dict of the leaf tasks (get_task_dict is deprecated)
+        loaded = list(manager.load(tasks)["tasks"].values())
+    else:
+        from lm_eval.tasks import get_task_dict
+
+        def leaves(node):
+            for value in node.values():
+                yield from leaves(value) if isinstance(value, dict) else [value]
+
+        loaded = list(leaves(get_task_dict(tasks, manager)))
+    return any(getattr(task, "OUTPUT_TYPE", None) == "generate_until" for task in loaded)

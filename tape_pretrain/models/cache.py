@@ -89,6 +89,8 @@ class DecodeCache:
 
     Built by Transformer.new_cache(); Transformer.forward(..., cache=cache) fills and reads it."""
 
+    is_compileable = False  # read by transformers' generate when a cache is passed in (Hugging Face exports)
+
     def __init__(self, num_layers: int, max_length: int = 0):
         self.length = 0
         """Tokens cached so far: the next forward's tokens take positions position_offset + length ..."""

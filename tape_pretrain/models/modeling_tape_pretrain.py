@@ -24,9 +24,22 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# transformers 4 copies into its module cache only this file's relative imports, not theirs: every module the model
+# needs is imported here (the "__name__ as _x" ones only for that; transformers 5 follows imports transitively).
+from .alibi import __name__ as _alibi  # noqa: F401
+from .blocked_bias import __name__ as _blocked_bias  # noqa: F401
 from .cache import DecodeCache
 from .configuration_tape_pretrain import TapePretrainConfig
+from .fire import __name__ as _fire  # noqa: F401
+from .model_config import __name__ as _model_config  # noqa: F401
+from .nope import __name__ as _nope  # noqa: F401
+from .positional import __name__ as _positional  # noqa: F401
+from .positional_base import __name__ as _positional_base  # noqa: F401
+from .randrope import __name__ as _randrope  # noqa: F401
+from .rope import __name__ as _rope  # noqa: F401
+from .tape import __name__ as _tape  # noqa: F401
 from .transformer import Block, Transformer
+from .xpos import __name__ as _xpos  # noqa: F401
 
 # The output field and generate's model_kwargs key of the cache: "cache" since transformers 5, else past_key_values.
 CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"

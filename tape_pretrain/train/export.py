@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -72,9 +73,27 @@ def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, 
                 tokenizer_bytes: bytes | None, facts: TrainingFacts | None = None) -> None:
     """Write an export directory from a full (unsharded) state dict in our naming: weights, a Hugging Face
     config.json, the tokenizer (tokenizer.model and the files AutoTokenizer reads), the model card, and for every
-    encoding but RoPE (stock Llama) the modeling code. Files of a previous export that this one does not write are
-    removed (only those: the directory may hold the user's own files)."""
+    encoding but RoPE (stock Llama) the modeling code.
+
+    Everything is written into a staging directory beside ``out`` first and moved in only when complete, so a
+    failure leaves a previous export whole. Files of a previous export that this one does not write are removed;
+    only those (export file names and shipped module names): the directory may hold the user's own files."""
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        written = _write_export(state_dict, model_config, staging, tokenizer_bytes, facts)
+        ours = {*EXPORT_FILES, *TOKENIZER_FILES, *(p.name for p in shipped_model_files())}
+        for name in ours - set(written):  # a previous export's (say, another encoding's modeling code)
+            (out / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, out: Path,
+                  tokenizer_bytes: bytes | None, facts: TrainingFacts | None) -> list[str]:
+    """The export's files, written into the (empty) directory ``out``; returns their names."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     model_config = dataclasses.replace(model_config, init_from=None)
     meta = {"tape_pretrain": to_dict(model_config), **_special_token_ids(tokenizer_bytes)}
@@ -93,19 +112,22 @@ def save_export(state_dict: dict[str, torch.Tensor], model_config: ModelConfig, 
         meta.update({"architectures": ["TapePretrainForCausalLM"], "model_type": "tape_pretrain", "auto_map": AUTO_MAP,
                      "tie_word_embeddings": False, "torch_dtype": "float32"})
         code = shipped_model_files()
-    stale = [p for p in out.glob("*.py") if p.name in {f.name for f in MODELS_PACKAGE.glob("*.py")}]
-    for path in stale:  # a previous export's modeling code (say, of another encoding)
-        path.unlink()
-    for name in (*EXPORT_FILES, *TOKENIZER_FILES):
-        (out / name).unlink(missing_ok=True)
     save_file(hf_state, out / WEIGHTS, metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True))
     for path in code:
         shutil.copyfile(path, out / path.name)
     if tokenizer_bytes:
-        write_hf_tokenizer(out, tokenizer_bytes)
+        (out / TOKENIZER).write_bytes(tokenizer_bytes)
+        try:
+            write_hf_tokenizer(out, tokenizer_bytes)
+        except ValueError as exc:  # a SentencePiece model that tokenizer.json cannot reproduce exactly (Unigram)
+            for name in TOKENIZER_FILES:
+                (out / name).unlink(missing_ok=True)
+            print(f"warning: the export has tokenizer.model but no Hugging Face tokenizer files ({exc}): "
+                  "AutoTokenizer cannot load it; tape-pretrain and sentencepiece can")
     parameters = sum(p.numel() for p in model.parameters())
     (out / CARD).write_text(model_card(model.config, parameters, facts or TrainingFacts()))
+    return sorted(p.name for p in out.iterdir())
 
 
 def load_export_model(directory: str) -> Transformer:
@@ -269,7 +291,7 @@ def _checkpoint_facts(path: Path, state: dict) -> TrainingFacts:
     step = int(state["step"])
     batch_tokens = state.get("config", {}).get("trainer", {}).get("global_batch_tokens")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    eval_md = run_dir / "eval.md" if run_dir is not None else None
+    eval_md = run_dir / "eval" / path.name / "eval.md" if run_dir is not None else None  # this step's evaluation
     return TrainingFacts(
         steps=step, tokens=step * batch_tokens if isinstance(batch_tokens, int) else None,
         data_fingerprint=state.get("loader", {}).get("fingerprint"),
@@ -303,6 +325,16 @@ def export_to_evaluate(source: str) -> Iterator[tuple[Path, Path | None]]:
         yield export, (run_dir / "eval" / checkpoint.name) if run_dir is not None else None
 
 
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def check_hub_repo_id(repo_id: str) -> None:
+    """Before anything is exported: a Hub model repository is USER_OR_ORG/NAME."""
+    if not HUB_REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise ConfigError(f"--push-to-hub {repo_id!r}: not a Hub repository id (USER_OR_ORG/NAME: letters, digits, "
+                          "'-', '_', '.')")
+
+
 def push_to_hub(directory: str, repo_id: str, private: bool) -> None:
     """Upload an export to the Hugging Face Hub (created if missing), with the token huggingface_hub finds."""
     try:
@@ -310,9 +342,12 @@ def push_to_hub(directory: str, repo_id: str, private: bool) -> None:
     except ImportError:
         raise ConfigError("--push-to-hub needs huggingface_hub (pip install huggingface_hub)") from None
     api = HfApi()
+    # only what an export writes: a user's notes or credentials in the same directory stay local
+    files = sorted({*EXPORT_FILES, *TOKENIZER_FILES, *(p.name for p in shipped_model_files())}
+                   & {p.name for p in Path(directory).iterdir()})
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(folder_path=directory, repo_id=repo_id, repo_type="model",
+        api.upload_folder(folder_path=directory, repo_id=repo_id, repo_type="model", allow_patterns=files,
                           commit_message="Upload a tape_pretrain export")
     except Exception as exc:  # the hub's HTTP, auth and validation errors have no common base we could name
         from tape_pretrain.errors import StorageError

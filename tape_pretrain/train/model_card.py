@@ -52,7 +52,8 @@ def model_card(config: ModelConfig, parameters: int, facts: TrainingFacts) -> st
     remote = encoding != "rope"
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"model = AutoModelForCausalLM.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})\n"
-            "tokenizer = AutoTokenizer.from_pretrained(PATH)\n"
+            # trust_remote_code for the tokenizer only spares transformers' question about the model's code
+            f"tokenizer = AutoTokenizer.from_pretrained(PATH{', trust_remote_code=True' if remote else ''})\n"
             "ids = tokenizer(\"def main():\", return_tensors=\"pt\").input_ids\n"
             "print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))")
     code_note = ("The modeling code in this directory is tape_pretrain's own model code, shipped unchanged "

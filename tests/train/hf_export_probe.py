@@ -33,12 +33,24 @@ def probe(directory: Path) -> dict:
         cached_lengths = list(seen)
         uncached = model.generate(prompt, max_new_tokens=inputs["new_tokens"], do_sample=False, use_cache=False,
                                   pad_token_id=model.config.eos_token_id, eos_token_id=None)
+        labels = inputs["ids"].clone()
+        labels[:, :3] = -100  # ignored positions
+        loss = model(inputs["ids"], labels=labels).loss
+        last_two = model(inputs["ids"], logits_to_keep=2).logits
+        try:
+            model(inputs["ids"], attention_mask=torch.ones_like(inputs["ids"]).index_fill_(1, torch.tensor([0]), 0))
+            padded_refused = False
+        except ValueError:
+            padded_refused = True
     hook.remove()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     ids = tokenizer((directory.parent / "sample.txt").read_text(encoding="utf-8"))["input_ids"]
     return {"class": type(model).__name__, "logits": logits, "cached": cached, "uncached": uncached,
             "cached_forward_lengths": cached_lengths, "sample_ids": ids, "decoded": tokenizer.decode(ids),
-            "eos_token_id": tokenizer.eos_token_id}
+            "eos_token_id": tokenizer.eos_token_id, "loss": loss, "last_two": last_two,
+            "padded_refused": padded_refused,
+            "config_special_ids": [model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id],
+            "tokenizer_special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]}
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 
 from tape_pretrain.config import POSITIONAL_NAMES, ModelConfig, PositionalConfig
 from tape_pretrain.models import build_model
@@ -76,6 +78,18 @@ def test_export_computes_the_projects_logits_and_greedy_tokens(exports, name):
     assert torch.equal(got["cached"], reference[name]["tokens"])
 
 
+@pytest.mark.parametrize("name", [n for n in EXPORTS if n != "rope"])  # RoPE: stock Llama, transformers' own code
+def test_the_wrapper_computes_loss_and_kept_logits_and_refuses_padding(exports, name):
+    root, reference, probed = exports
+    got, logits = probed[name], reference[name]["logits"]
+    ids = torch.load(root / name / "inputs.pt")["ids"]
+    expected = F.cross_entropy(logits[:, 2:-1].flatten(0, 1), ids[:, 3:].flatten())  # labels -100 on the first 3
+    assert got["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert (got["last_two"] - logits[:, -2:]).abs().max().item() <= 1e-5
+    assert got["padded_refused"]
+    assert got["config_special_ids"] == got["tokenizer_special_ids"] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("name", EXPORTS)
 def test_generate_decodes_through_the_cache(exports, name):
     """With the cache, the prompt runs once and each later step one token; RandPE's sampled positions cannot be
@@ -105,6 +119,10 @@ def test_shipped_code_is_the_projects_byte_for_byte(exports):
         assert code == ([] if name == "rope" else sorted(shipped))
         for file in code:
             assert (root / name / file).read_bytes() == (MODELS_PACKAGE / file).read_bytes()
+    # transformers 4 copies only the modeling file's own relative imports: they must name every shipped module
+    direct = set(re.findall(r"^from \.(\w+) import", (MODELS_PACKAGE / "modeling_tape_pretrain.py").read_text(),
+                            re.MULTILINE))
+    assert {f"{name}.py" for name in direct} | {"modeling_tape_pretrain.py"} == shipped
     config = json.loads((root / "tape" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_tape_pretrain.TapePretrainForCausalLM"
     assert "auto_map" not in json.loads((root / "rope" / "config.json").read_text())
@@ -118,14 +136,42 @@ def test_model_card_reports_the_training(exports):
     assert "trust_remote_code" not in (exports[0] / "rope" / "README.md").read_text()
 
 
-def test_a_rope_export_over_a_tape_one_leaves_no_modeling_code(tmp_path, tokenizer_path):
+def test_an_export_replaces_only_its_own_files_and_only_when_complete(tmp_path, monkeypatch):
     out = tmp_path / "export"
-    (out).mkdir()
-    (out / "notes.py").write_text("# the user's own file\n")
-    for name in ("tape", "rope"):
-        model = tiny_model(name)
-        save_export(model.state_dict(), model.config, out, None)
-    assert sorted(p.name for p in out.glob("*.py")) == ["notes.py"]
+    out.mkdir()
+    for name in ("notes.py", "convert.py"):  # the user's own files (one named like a module that is not shipped)
+        (out / name).write_text("# mine\n")
+    tape, rope = tiny_model("tape"), tiny_model("rope")
+    save_export(tape.state_dict(), tape.config, out, None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr("tape_pretrain.train.export.model_card", lambda *a: 1 / 0)  # fails after the weights
+    with pytest.raises(ZeroDivisionError):
+        save_export(rope.state_dict(), rope.config, out, None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, whole
+    assert not list(tmp_path.glob(".export.partial-*"))
+    monkeypatch.undo()
+    save_export(rope.state_dict(), rope.config, out, None)  # RoPE over TAPE: no modeling code left behind
+    assert sorted(p.name for p in out.glob("*.py")) == ["convert.py", "notes.py"]
+
+
+def test_a_unigram_tokenizer_is_exported_without_hugging_face_files(tmp_path, corpus_dir, capsys):
+    from tape_pretrain.data.tokenizer import train_tokenizer
+
+    train_tokenizer([str(corpus_dir / "part-0.jsonl")], vocab_size=400, out=str(tmp_path / "uni.model"),
+                    model_type="unigram", max_sentences=200)
+    model = tiny_model("tape")
+    save_export(model.state_dict(), model.config, tmp_path / "export", (tmp_path / "uni.model").read_bytes())
+    assert (tmp_path / "export" / "tokenizer.model").read_bytes() == (tmp_path / "uni.model").read_bytes()
+    assert not (tmp_path / "export" / "tokenizer.json").exists()
+    assert "no Hugging Face tokenizer files" in capsys.readouterr().out
+
+
+def test_push_to_hub_checks_the_repository_id_before_exporting(tmp_path, capsys):
+    from tape_pretrain.cli import main
+
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "out"), "--push-to-hub", "no-slash"]) == 2
+    assert "not a Hub repository id" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_lm_eval_loglikelihoods_equal_the_projects(exports, tokenizer_path, tmp_path, monkeypatch, capsys):
@@ -143,11 +189,18 @@ def test_lm_eval_loglikelihoods_equal_the_projects(exports, tokenizer_path, tmp_
         f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
         "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    (tmp_path / "tiny_generate.yaml").write_text(  # greedy generation, whose prompts lm-eval pads on the left
+        "task: tiny_generate\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{choices[0]}}"\n'
+        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    higher_is_better: true\n")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(exports[0] / "hf_home"))
     export = exports[0] / "tape"
-    main(["eval", str(export), "--lm-eval", "tiny_choice", "--lm-eval-include", str(tmp_path), "--batch-size", "2",
+    main(["eval", str(export), "--lm-eval", "tiny_choice,tiny_generate", "--lm-eval-include", str(tmp_path),
+          "--batch-size", "2",
           "--lm-eval-log-samples", "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"])
     results = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
     samples = results["samples"]["tiny_choice"]
@@ -161,5 +214,8 @@ def test_lm_eval_loglikelihoods_equal_the_projects(exports, tokenizer_path, tmp_
         for (our_ll, our_greedy), (their_ll, their_greedy) in zip(ours, theirs, strict=True):
             assert abs(our_ll - their_ll) <= 1e-4 * max(1.0, abs(our_ll))
             assert our_greedy == their_greedy
-    assert "tiny_choice" in (tmp_path / "out" / "lm_eval.md").read_text()
-    assert "acc" in capsys.readouterr().out
+    table = (tmp_path / "out" / "lm_eval.md").read_text()
+    assert "tiny_choice" in table and "tiny_generate" in table
+    generated = results["samples"]["tiny_generate"]
+    assert len(generated) == len(rows) and all(isinstance(s["resps"][0][0], str) for s in generated)
+    assert "--batch-size 2 -> 1" in capsys.readouterr().out
