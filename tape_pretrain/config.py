@@ -380,8 +380,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def _parse_scalar(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
-    return value
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:  # e.g. [*norm.weight]: a leading * is a YAML alias
+        raise ConfigError(f"override value {text!r} is not valid YAML ({str(exc).splitlines()[0]}); quote it, "
+                          "e.g. 'optim.trainable=[\"*norm.weight\"]'") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -554,10 +557,9 @@ def validate(config: RunConfig) -> None:
     from tape_pretrain.train.trainable import check_entries
 
     check_entries(o.trainable)  # the rest needs the model: checked when the run builds it
-    if "lora" in o.trainable:
-        from tape_pretrain.train.lora import check_lora_options
+    from tape_pretrain.train.lora import check_lora_options
 
-        check_lora_options(o)
+    check_lora_options(o)  # also without lora in optim.trainable: a typo there should not wait for its first use
     if not 10 <= config.checkpoint.lease_ttl_s <= 86_400:
         raise ConfigError(f"checkpoint.lease_ttl_s must be between 10 s and a day, got {config.checkpoint.lease_ttl_s}")
     if not config.parallel.timeout_s > 0:

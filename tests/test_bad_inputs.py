@@ -75,7 +75,8 @@ def test_missing_init_from(tmp_path, dataset_path, cli_env):
     out = subprocess.run([sys.executable, "-m", "tape_pretrain.cli", "train", str(cfg)], env=cli_env,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nowhere'}: no model.safetensors")
+    assert out.stderr.strip().splitlines()[-1] == (f"error: model.init_from {tmp_path / 'nowhere'}: no such "
+                                                   "directory (an export, or a Hugging Face Llama)")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

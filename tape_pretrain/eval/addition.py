@@ -82,8 +82,10 @@ def addition_accuracy(model, tokenizer, lengths: list[int], problems_per_length:
     device, dtype = eval_placement(device, dtype)
     model.to(device=device, dtype=dtype)
     problems = {n: fixed_length_problems(n, problems_per_length, seed) for n in lengths}  # a bad length fails first
-    predictions = {n: greedy_answers(model, tokenizer, p.prompts, [len(a) for a in p.answers], device, batch_size)
-                   for n, p in problems.items()}
+    # One token past the answer: exact match needs the model to stop there (EOS, as every training problem ends),
+    # so a spurious extra carry digit ("13931" for 1393) is wrong.
+    predictions = {n: greedy_answers(model, tokenizer, p.prompts, [len(a) + 1 for a in p.answers], device,
+                                     batch_size) for n, p in problems.items()}
     return score_predictions(predictions, {n: p.answers for n, p in problems.items()})
 
 

@@ -31,6 +31,20 @@ SIZE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_la
                "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size"}
 
 
+def check_init_from(directory: str | None) -> None:
+    """model.init_from, before anything is built: an existing directory, and if it is a Hugging Face checkpoint
+    (no ``tape_pretrain`` section), a Llama."""
+    if not directory or "://" in directory:
+        return
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(f"model.init_from {directory}: no such directory (an export, or a Hugging Face Llama)")
+    meta = _read_json(path / CONFIG) if (path / CONFIG).is_file() else None
+    if isinstance(meta, dict) and "tape_pretrain" not in meta and not is_hf_llama(directory):
+        raise CheckpointError(f"model.init_from {directory}: a Hugging Face {meta.get('model_type', '?')!r} "
+                              "checkpoint; only Llama-architecture ones (model_type llama) are supported")
+
+
 def is_hf_llama(directory: str | None) -> bool:
     """A Hugging Face Llama checkpoint (not one of our exports: those record a ``tape_pretrain`` section)."""
     if not directory or "://" in directory:
@@ -85,10 +99,13 @@ def llama_shape(directory: str) -> LlamaShape:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise refuse(f"rotary scaling {rope_type!r} (only default and linear are supported)")
-    return LlamaShape(sizes=sizes, num_kv_heads=kv_heads, norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                      rope_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-                      linear_rope_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-                      tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+    try:
+        return LlamaShape(sizes=sizes, num_kv_heads=int(kv_heads), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                          rope_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                          linear_rope_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+                          tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except (TypeError, ValueError) as exc:
+        raise refuse(f"a malformed value ({exc})") from None
 
 
 def with_llama_shape(model: ModelConfig) -> ModelConfig:

@@ -234,8 +234,10 @@ def consolidate(path: Path, state: dict, phases: Phases) -> Consolidated:
         from tape_pretrain.train.initial_weights import model_source
 
         try:
+            # as the trainer does: the source first (it builds a meta model, drawing a number), then the seed
+            source = model_source(dataclasses.replace(model_config, init_from=init_from))
             torch.manual_seed(int(run_config.get("seed", 0)))
-            model = model_source(dataclasses.replace(model_config, init_from=init_from)).build(complete=True)
+            model = source.build(complete=True)
         except (CheckpointError, ConfigError, OSError) as exc:
             init_error = f"model.init_from of the run ({init_from}) is unusable: {exc}"
     from tape_pretrain.config import OptimConfig, from_dict

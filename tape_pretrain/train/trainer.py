@@ -22,6 +22,7 @@ from tape_pretrain.distributed.engine import Engine, build_engine
 from tape_pretrain.distributed.env import DistEnv, all_agree_any, barrier, init_distributed, shutdown
 from tape_pretrain.errors import CheckpointError, StorageError
 from tape_pretrain.models import build_model
+from tape_pretrain.models.llama_import import check_init_from
 from tape_pretrain.models.positional_base import allow_cudnn_attention
 from tape_pretrain.train.checkpoint import CheckpointManager
 from tape_pretrain.train.initial_weights import check_pretrained_tokenizer, model_source
@@ -103,6 +104,7 @@ class TrainerParts:
 def build_parts(config: RunConfig, env: DistEnv) -> TrainerParts:
     run_directory = RunDirectory(config.run_dir, staging_root=config.checkpoint.staging_dir)
     global_windows, grad_accum = batch_layout(config, env.world_size)
+    check_init_from(config.model.init_from)  # before the data: a mistyped path is the likelier error
     data = load_training_data(config, env, global_windows)
     if config.model.init_from:
         check_pretrained_tokenizer(config.model.init_from, data.manifest.tokenizer["sha256"])

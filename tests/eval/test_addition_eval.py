@@ -87,8 +87,24 @@ def test_addition_accuracy_of_a_tiny_model_has_one_result_per_length(tokenizer):
         assert r["count"] == 7 and 0 <= r["correct"] <= 7 and r["accuracy"] == r["correct"] / 7
         assert 0.0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1.0
     problems = fixed_length_problems(3, 7, 0)
-    predictions = greedy_answers(model, tokenizer, problems.prompts, [len(a) for a in problems.answers], "cpu")
+    predictions = greedy_answers(model, tokenizer, problems.prompts, [len(a) + 1 for a in problems.answers], "cpu")
     assert results[3]["correct"] == sum(exact_match(predictions, problems.answers))
+
+
+def test_an_answer_must_end_where_the_sum_ends(tokenizer):
+    """Answers are decoded one token past the sum's length: a model that never writes EOS (here: digits only) gets
+    predictions one digit too long, which no exact match accepts (the true sum then a carry digit scores 0)."""
+    problems = fixed_length_problems(2, 6, 0)
+    model = tiny_model("rope")
+    with torch.no_grad():
+        digits = [tokenizer.processor.piece_to_id(c) for c in "0123456789"]
+        scale = torch.zeros(model.config.vocab_size, 1)
+        scale[digits] = 30.0
+        model.lm_head.weight.mul_(scale)  # digits only: never EOS
+    predictions = greedy_answers(model, tokenizer, problems.prompts, [len(a) + 1 for a in problems.answers], "cpu")
+    assert [len(p) for p in predictions] == [len(a) + 1 for a in problems.answers]
+    results = addition_accuracy(model, tokenizer, [2], problems_per_length=6, seed=0, device="cpu", dtype="fp32")
+    assert results[2]["correct"] == 0
 
 
 def test_eval_task_addition_on_an_export(tmp_path, tokenizer, capsys):

@@ -27,14 +27,14 @@ UNSET_SIZES = {f"model.{k}": None for k in ("hidden_size", "num_layers", "num_he
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, dataset_path) -> Path:
-    """A random LlamaForCausalLM with 4 query heads sharing 2 key/value heads, saved by transformers, with the
-    dataset's tokenizer beside it."""
+    """A random LlamaForCausalLM with 4 query heads sharing 2 key/value heads, rope_theta and rms_norm_eps other than
+    our defaults, saved by transformers, with the dataset's tokenizer beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("llama")
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+                         rms_norm_eps=1e-6, rope_theta=50000.0, tie_word_embeddings=False)  # not our defaults
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # off the initialisation (norms at 1): every weight shapes the logits
@@ -74,6 +74,13 @@ def test_tape_inserted_into_a_llama_trains_from_exactly_that_llama(tmp_path, dat
     trainer.engine.train_micro_step = record
     trainer.run()
     reference = hf_llama(llama_dir)
+    imported = model_source(trainer.model_config).build(complete=True).eval()  # TAPE enters at exactly zero
+    for layer in imported.layers:
+        assert not layer.positional.post_attention_linear.weight.any()
+        assert not layer.positional.pe.up_proj.weight.any()
+    ids = torch.randint(4, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (imported(ids) - reference(ids).logits).abs().max().item() <= 1e-5
     with torch.no_grad():
         losses = [F.cross_entropy(reference(inputs).logits.flatten(0, 1).float(), labels.flatten())
                   for inputs, labels in batches]
@@ -91,7 +98,7 @@ def test_rope_from_a_llama_computes_transformers_logits(tmp_path, dataset_path, 
     torch.manual_seed(0)
     ours = model_source(model_config).build(complete=True).eval()
     scaling = {} if interpolation == 1.0 else {"rope_parameters": {"rope_type": "linear", "factor": interpolation,
-                                                                   "rope_theta": 10000.0}}
+                                                                   "rope_theta": 50000.0}}
     reference = hf_llama(llama_dir, **scaling)
     save_export(ours.state_dict(), ours.config, tmp_path / "export", None)  # its config.json carries the scaling
     exported = hf_llama(tmp_path / "export")
@@ -143,7 +150,7 @@ def lora_runs(tmp_path_factory, dataset_path, llama_dir):
     from tape_pretrain.train.trainer import build_trainer
 
     out = {}
-    for engine in ("ddp", "fsdp2"):
+    for engine in ("ddp", "fsdp2", "deepspeed"):  # DeepSpeed: its checkpoints leave the frozen base weights out
         root = tmp_path_factory.mktemp(f"lora_{engine}")
         config = llama_config(root, dataset_path, llama_dir, **{
             "model.positional.name": "rope", "optim.trainable": ["lora", "*norm.weight"], "optim.lora_rank": 4,
@@ -174,7 +181,7 @@ def lora_runs(tmp_path_factory, dataset_path, llama_dir):
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
 def test_lora_trains_adapters_only_and_exports_the_merged_stock_llama(lora_runs, llama_dir, engine):
     from safetensors.torch import load_file
 
@@ -203,10 +210,12 @@ def test_lora_trains_adapters_only_and_exports_the_merged_stock_llama(lora_runs,
 def test_lora_adapters_start_the_same_on_every_engine(lora_runs):
     """A's initial values come from the seed and the name, not from peft's draws: a model built whole (DDP) and one
     materialised from initial_value on the meta device (FSDP2) train the same (to reduction order)."""
-    ddp, fsdp2 = lora_runs["ddp"]["state"], lora_runs["fsdp2"]["state"]
-    assert ddp.keys() == fsdp2.keys()
-    for name in ddp:
-        assert (ddp[name] - fsdp2[name]).abs().max().item() <= 1e-5, name
+    ddp = lora_runs["ddp"]["state"]
+    for engine in ("fsdp2", "deepspeed"):
+        other = lora_runs[engine]["state"]
+        assert ddp.keys() == other.keys()
+        for name in ddp:
+            assert (ddp[name] - other[name]).abs().max().item() <= 1e-5, (engine, name)
 
 
 def test_lora_starts_as_the_base_model(tmp_path, dataset_path, llama_dir):
@@ -233,3 +242,20 @@ def test_lora_starts_as_the_base_model(tmp_path, dataset_path, llama_dir):
         assert (whole(ids) - reference).abs().max().item() <= 1e-5
         assert (lazy(ids) - reference).abs().max().item() <= 1e-5
     assert all(torch.equal(p, lazy.get_parameter(n)) for n, p in whole.named_parameters())
+
+
+def test_lora_settings_and_the_pretrained_tokenizer_are_checked(tmp_path, dataset_path, llama_dir,
+                                                                 world_of_one):  # noqa: F811
+    from tape_pretrain.train.resume import check_resume_compatible, resume_identity
+    from tape_pretrain.train.trainer import build_trainer
+
+    lora = {"model.positional.name": "rope", "optim.trainable": ["lora"]}
+    saved = resume_identity(llama_config(tmp_path, dataset_path, llama_dir, **lora), 512)
+    changed = resume_identity(llama_config(tmp_path, dataset_path, llama_dir, **lora, **{"optim.lora_rank": 4}), 512)
+    with pytest.raises(CheckpointError, match="LoRA adapters"):
+        check_resume_compatible(saved, changed, set())
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(llama_dir, other)
+    (other / "tokenizer.model").write_bytes((other / "tokenizer.model").read_bytes() + b"\0")
+    with pytest.raises(DataError, match="another tokenizer than model.init_from's"):
+        build_trainer(llama_config(tmp_path, dataset_path, other), world_of_one)

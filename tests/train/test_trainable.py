@@ -73,7 +73,7 @@ def test_presets_and_patterns_select_exactly_the_expected_names():
 
 
 BAD = {  # entries: the one error line
-    "lora": (["lora"], "optim.trainable: lora is not available yet"),
+    "lora without adapters": (["lora"], "optim.trainable: [lora] leaves nothing trainable"),
     "unknown-preset": (["tape", "tapee"], "optim.trainable: unknown preset 'tapee' (presets: all, tape, lora; "),
     "no-match": (["layers.*.attn.*"], "optim.trainable: 'layers.*.attn.*' matches no parameter of this model "
                                       "(names look like 'embed_tokens.weight', "),
