@@ -91,3 +91,12 @@ def cli_env():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture
+def world_of_one():
+    """This process as a world of one, for a trainer built in-process (tests.helpers.world_of_one_process)."""
+    from tests.helpers import world_of_one_process
+
+    with world_of_one_process() as env:
+        yield env

@@ -133,3 +133,23 @@ def start_training(cmd: list[str], step_sleep: float) -> subprocess.Popen:
 def metrics(run_dir: Path) -> dict[int, dict]:
     """Last record per step of metrics.jsonl (training lines only)."""
     return training_records(run_dir)
+
+
+@contextlib.contextmanager
+def world_of_one_process():
+    """This process as rank 0 of a world of one (the trainer built in-process), over gloo on loopback; the
+    environment and the signal handlers the trainer installs are restored after."""
+    from tape_pretrain.distributed.env import free_port, init_distributed, shutdown
+
+    saved_env = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    try:
+        yield init_distributed(60)
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)  # later tests' processes must not think they are rank 0 of a world
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -17,8 +17,7 @@ from tape_pretrain.errors import CheckpointError, DataError
 from tape_pretrain.models.presets import resolve_model_config_from
 from tape_pretrain.train.export import save_export
 from tape_pretrain.train.initial_weights import check_pretrained_tokenizer, model_source
-from tests.helpers import metrics, write_config
-from tests.train.test_trainer_parts import world_of_one  # noqa: F401 (a fixture)
+from tests.helpers import metrics, world_of_one_process, write_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -58,7 +57,7 @@ def hf_llama(llama_dir, **config_changes):
 
 
 def test_tape_inserted_into_a_llama_trains_from_exactly_that_llama(tmp_path, dataset_path, llama_dir,
-                                                                      world_of_one):  # noqa: F811
+                                                                      world_of_one):
     from tape_pretrain.train.trainer import build_trainer
 
     config = llama_config(tmp_path, dataset_path, llama_dir, **{"model.positional.name": "tape"})
@@ -140,27 +139,19 @@ def _sha(directory: Path) -> str:
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, dataset_path, llama_dir):
     """RoPE from the Llama with rank-4 LoRA on q, k, v, o (and the norms training too), 2 steps, one process, on DDP
-    (built whole) and FSDP2 (materialised on the meta device from initial_value): each run's engine model (adapters
-    unmerged), its end-of-run export and an export from its last checkpoint."""
-    import os
-    import signal
-
-    from tape_pretrain.distributed.env import free_port, init_distributed, shutdown
+    (built whole), FSDP2 (materialised on the meta device from initial_value) and DeepSpeed ZeRO-2 (whose checkpoints
+    leave the frozen base weights out): each run's engine model (adapters unmerged), its end-of-run export and an
+    export from its last checkpoint."""
     from tape_pretrain.train.export import export_checkpoint
     from tape_pretrain.train.trainer import build_trainer
 
     out = {}
-    for engine in ("ddp", "fsdp2", "deepspeed"):  # DeepSpeed: its checkpoints leave the frozen base weights out
+    for engine in ("ddp", "fsdp2", "deepspeed"):
         root = tmp_path_factory.mktemp(f"lora_{engine}")
         config = llama_config(root, dataset_path, llama_dir, **{
             "model.positional.name": "rope", "optim.trainable": ["lora", "*norm.weight"], "optim.lora_rank": 4,
             "optim.lora_alpha": 8.0, "parallel.engine": engine, "optim.lr": 1e-2})
-        saved_env = dict(os.environ)
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # the trainer's own
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        env = init_distributed(60)
-        try:
+        with world_of_one_process() as env:
             trainer = build_trainer(config, env)
             trainer.run()
             model = trainer.engine.module
@@ -169,12 +160,6 @@ def lora_runs(tmp_path_factory, dataset_path, llama_dir):
             ids = torch.randint(4, 512, (2, 48), generator=torch.Generator().manual_seed(5))
             with torch.no_grad():
                 logits = model(ids)
-        finally:
-            shutdown()
-            os.environ.clear()
-            os.environ.update(saved_env)  # the later tests' processes must not think they are rank 0 of a world
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
         checkpoint = sorted((root / "run" / "checkpoints").glob("step_*"))[-1]
         export_checkpoint(str(checkpoint), str(root / "offline"))
         out[engine] = {"root": root, "state": state, "ids": ids, "logits": logits}
@@ -245,7 +230,7 @@ def test_lora_starts_as_the_base_model(tmp_path, dataset_path, llama_dir):
 
 
 def test_lora_settings_and_the_pretrained_tokenizer_are_checked(tmp_path, dataset_path, llama_dir,
-                                                                 world_of_one):  # noqa: F811
+                                                                 world_of_one):
     from tape_pretrain.train.resume import check_resume_compatible, resume_identity
     from tape_pretrain.train.trainer import build_trainer
 

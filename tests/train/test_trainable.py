@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from safetensors.torch import load_file
 
 from tape_pretrain.config import ConfigError, ModelConfig, PositionalConfig, load_config
 from tape_pretrain.data.manifest import load_manifest
-from tape_pretrain.distributed.env import free_port, init_distributed, shutdown
 from tape_pretrain.errors import CheckpointError
 from tape_pretrain.models import build_model
 from tape_pretrain.train import trainable as trainable_module
@@ -196,20 +194,6 @@ def assert_frozen_kept_and_trainable_moved(weights: dict, initial: dict, trainab
             assert not torch.equal(weights[name], value), f"{name} is trainable but did not change"
         else:
             assert torch.equal(weights[name], value), f"{name} is frozen but changed"
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """This process as a world of one (the trainer built in-process, as tests/train/test_trainer_parts.py does)."""
-    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1"), monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    env = init_distributed(60)
-    yield env
-    shutdown()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")

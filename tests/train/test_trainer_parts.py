@@ -5,25 +5,9 @@ import json
 import os
 import signal
 
-import pytest
-
 from tape_pretrain.config import load_config
-from tape_pretrain.distributed.env import free_port, init_distributed, shutdown
 from tape_pretrain.train.trainer import build_parts, build_trainer
 from tests.helpers import write_config
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1"), monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    env = init_distributed(60)
-    yield env
-    shutdown()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def test_a_stop_signal_in_the_final_step_saves_before_anything_else(tmp_path, dataset_path, world_of_one):
