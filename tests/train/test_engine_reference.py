@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +163,11 @@ def reference(workdir, dataset_path):
     return get
 
 
+def export_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """An export's tensors in our naming (non-RoPE exports prefix them with the Hugging Face wrapper's "model.")."""
+    return {k.removeprefix("model."): v for k, v in load_file(str(directory / "model.safetensors")).items()}
+
+
 def engine_run(workdir, dataset_path, name) -> dict:
     processes, engine, stage, precision, encoding = VARIANTS[name]
     config = write_config(workdir / f"{name}.yaml", dataset_path, workdir / name, **{**SETTINGS, **{
@@ -173,10 +179,10 @@ def engine_run(workdir, dataset_path, name) -> dict:
         layout = ("{'replicate': 2, 'shard': 2}, placements ['R', 'S(0)'], reshard_after_forward=False" if hsdp
                   else f"{{'shard': {processes}}}, placements ['S(0)'], reshard_after_forward=True")
         assert f"fsdp2: parameters on mesh {layout}" in stdout
-    weights = load_file(str(workdir / name / "export" / "model.safetensors"))  # the end-of-run export: live weights
+    weights = export_weights(workdir / name / "export")  # the end-of-run export: live weights
     # the last checkpoint consolidated offline, through the engine's interface (export_checkpoint -> consolidate)
     export_checkpoint(str(workdir / name), str(workdir / f"{name}-consolidated"))
-    consolidated = load_file(str(workdir / f"{name}-consolidated" / "model.safetensors"))
+    consolidated = export_weights(workdir / f"{name}-consolidated")
     return {"metrics": metrics(workdir / name), "weights": weights, "consolidated": consolidated}
 
 
