@@ -169,3 +169,19 @@ def test_randrope_eval_is_rope_at_its_positions(ids, mode):
     cos, sin = rotary_tables(positions, theta, torch.float64)
     torch.testing.assert_close(rand(ids), rope(ids, initial_state=(cos.unsqueeze(1), sin.unsqueeze(1))), **TOL)
     assert not torch.allclose(rand(ids), rope(ids))  # no longer RoPE at 0..N-1
+
+
+def test_xpos_interpolates_its_rotation_not_its_decay(ids):
+    """With a decay scale so large that zeta^(n/s) is 1 to rounding, xPos is RoPE: interpolation must then give RoPE
+    with the same interpolation (whose angles are checked against transformers in tests/train/test_llama_init.py)."""
+    logits = {}
+    for factor in (1.0, 2.5):
+        models = {}
+        for name, extra in (("xpos", {"xpos_scale_base": 1e15}), ("rope", {})):
+            torch.manual_seed(0)
+            models[name] = build_model(tiny_config(positional=PositionalConfig(name=name, interpolation=factor,
+                                                                               **extra)))
+        with torch.no_grad():
+            logits[factor] = models["xpos"](ids)
+            assert (logits[factor] - models["rope"](ids)).abs().max().item() <= 1e-5
+    assert not torch.allclose(logits[1.0], logits[2.5])

@@ -147,3 +147,20 @@ def test_a_key_only_the_checkpoint_has_is_named():
     newer["model"]["future_width"] = 3
     with pytest.raises(CheckpointError, match=r"differs in future_width, positional\.tape_future_switch "):
         check_resume_compatible(newer, current, set())
+
+
+def test_interpolation_reaches_tapes_initial_state(ids):
+    """Linear position interpolation scales TAPE's initial state as it scales RoPE's angles (RoPE's is checked against
+    transformers' linear rope scaling in tests/train/test_llama_init.py): both updates off, the two stay equal."""
+    logits = {}
+    for factor in (1.0, 2.5):
+        torch.manual_seed(0)
+        positional = PositionalConfig(name="tape", tape_attention_update=False, tape_mlp_update=False,
+                                      interpolation=factor)
+        tape = build_model(tiny_config(positional=positional))
+        torch.manual_seed(0)
+        rope = build_model(tiny_config(positional=PositionalConfig(name="rope", interpolation=factor)))
+        with torch.no_grad():
+            logits[factor] = tape(ids)
+            assert torch.equal(logits[factor], rope(ids))
+    assert not torch.allclose(logits[1.0], logits[2.5])
